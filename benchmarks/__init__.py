@@ -1,0 +1,1 @@
+"""Benchmarks, installed as qbert.benchmarks and run by `qbert bench`."""

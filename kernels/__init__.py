@@ -1,0 +1,1 @@
+"""Triton kernels, installed as qbert.kernels. Importing any of them imports Triton."""

@@ -1,0 +1,11 @@
+"""qbert: quantized and block-sparse kernels for BERT-family encoders.
+
+``import qbert`` neither imports Triton nor initialises CUDA; the compiled extension loads on first use.
+"""
+
+from qbert import ops
+from qbert.ops import BackendError, FallbackWarning, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendError", "FallbackWarning", "ops", "use_backend", "__version__"]

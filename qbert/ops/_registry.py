@@ -1,0 +1,201 @@
+"""One op, several backends: the priority table every qbert op dispatches through.
+
+Each op registers rows ``(backend, fn, supports)``. ``supports(*args, **kwargs)`` returns the reasons
+the row refuses these inputs (an empty list means it can run them). Dispatch runs the first row, in
+backend priority order, with no reasons. Falling back to ``reference`` for CUDA tensors warns and
+names every faster backend with its reasons; ``QBERT_STRICT=1`` turns that warning into an error.
+``QBERT_BACKEND=<name>`` or ``with qbert.use_backend(name):`` forces one backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+# Highest priority first.
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("qbert_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """No backend can run an op on the given inputs, or a forced backend refuses them."""
+
+
+class FallbackWarning(UserWarning):
+    """An op on CUDA tensors ran on the pure-PyTorch reference."""
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` (innermost) or else ``QBERT_BACKEND``, or None."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get("QBERT_BACKEND", "").strip()
+    return _check_name(env, "QBERT_BACKEND") if env else None
+
+
+def strict() -> bool:
+    return os.environ.get("QBERT_STRICT", "0") == "1"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every qbert op inside the block onto one backend (an unknown name is an error)."""
+    token = _forced.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+# ---- backend availability: why a backend cannot run at all in this process -------------------------
+
+def _extension_reasons() -> list[str]:
+    from qbert import _ext
+
+    return _ext.load_error()
+
+
+def _cuda_reasons() -> list[str]:
+    reasons = _extension_reasons()
+    if reasons:
+        return reasons
+    from qbert import _ext
+
+    if not _ext.build_info()["with_cuda"]:
+        return ["qbert._C was built without CUDA sources (see `qbert info`; rebuild with QBERT_FORCE_CUDA=1)"]
+    return []
+
+
+def _triton_reasons() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed"]
+    return []
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _no_reasons() -> list[str]:
+    return []
+
+
+_AVAILABILITY: dict[str, Callable[[], list[str]]] = {
+    "cuda": _cuda_reasons,
+    "triton": _triton_reasons,
+    "cpu": _extension_reasons,
+    "reference": _no_reasons,
+}
+
+
+def backend_unavailable(backend: str) -> list[str]:
+    """Reasons ``backend`` cannot run anything in this process (empty if it can)."""
+    return _AVAILABILITY[backend]()
+
+
+# ---- device rules shared by the rows ----------------------------------------------------------------
+
+def device_reasons(backend: str, *tensors: torch.Tensor | None) -> list[str]:
+    """Why ``backend`` cannot run on the devices of ``tensors``.
+
+    cuda needs CUDA tensors; cpu needs CPU tensors; triton needs CUDA tensors, or CPU tensors when it is
+    forced and ``TRITON_INTERPRET=1`` (the interpreter is for tests, never an automatic choice).
+    """
+    devices = {t.device.type for t in tensors if t is not None}
+    if len(devices) > 1:
+        return [f"tensors are on different devices: {sorted(devices)}"]
+    device = devices.pop() if devices else "cpu"
+    if backend == "cuda" and device != "cuda":
+        return [f"tensors are on {device}, not cuda"]
+    if backend == "cpu" and device != "cpu":
+        return [f"tensors are on {device}, not cpu"]
+    if backend == "triton" and device != "cuda":
+        if device != "cpu" or not triton_interpreter():
+            return [f"tensors are on {device}; triton runs on cpu only under TRITON_INTERPRET=1"]
+        if forced_backend() != "triton":
+            return ["the triton interpreter runs only when forced (use_backend('triton'))"]
+    return []
+
+
+# ---- ops -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    fn: Callable[..., Any]
+    supports: Callable[..., list[str]]
+
+
+@dataclass
+class Op:
+    name: str
+    rows: dict[str, Row] = field(default_factory=dict)
+
+    def register(self, backend: str, fn: Callable[..., Any], supports: Callable[..., list[str]]) -> None:
+        _check_name(backend, f"{self.name}.register")
+        if backend in self.rows:
+            raise ValueError(f"{self.name}: backend {backend!r} is registered twice")
+        self.rows[backend] = Row(backend, fn, supports)
+
+    def reasons(self, backend: str, *args: Any, **kwargs: Any) -> list[str]:
+        """Why ``backend`` would refuse these inputs (empty if it would run them)."""
+        if backend not in self.rows:
+            return [f"{self.name} has no {backend} implementation"]
+        unavailable = backend_unavailable(backend)
+        if unavailable:
+            return unavailable
+        return self.rows[backend].supports(*args, **kwargs)
+
+    def select(self, *args: Any, **kwargs: Any) -> str:
+        """The backend dispatch would run for these inputs."""
+        forced = forced_backend()
+        if forced is not None:
+            reasons = self.reasons(forced, *args, **kwargs)
+            if reasons:
+                raise BackendError(f"{self.name}: forced backend {forced!r} cannot run: " + "; ".join(reasons))
+            return forced
+        refused: dict[str, list[str]] = {}
+        for backend in BACKENDS:
+            reasons = self.reasons(backend, *args, **kwargs)
+            if not reasons:
+                break
+            refused[backend] = reasons
+        else:
+            raise BackendError(f"{self.name}: no backend can run these inputs: {refused}")
+        if backend == "reference" and _on_cuda(args, kwargs):
+            detail = "; ".join(f"{b}: {', '.join(r)}" for b, r in refused.items())
+            message = f"{self.name} falls back to the PyTorch reference on CUDA tensors ({detail})"
+            if strict():
+                raise BackendError(message + " [QBERT_STRICT=1]")
+            warnings.warn(message, FallbackWarning, stacklevel=3)
+        return backend
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.rows[self.select(*args, **kwargs)].fn(*args, **kwargs)
+
+
+def _on_cuda(args: tuple, kwargs: dict) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+
+
+OPS: dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    """The dispatch table of op ``name`` (created on first use)."""
+    return OPS.setdefault(name, Op(name))

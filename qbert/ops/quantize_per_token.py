@@ -1,0 +1,72 @@
+"""quantize_per_token: symmetric int8 quantization of each row of the last dim.
+
+Math (the reference below is the specification):
+    scale[i] = max_k |x[i, k]| / 127          (float32; an all-zero row gets scale 1, codes 0)
+    q[i, k]  = clamp(round_half_even(x[i, k] / scale[i]), -127, 127)   (x / scale in float32)
+
+Shapes: x [..., K] float32 / float16 / bfloat16, contiguous, K >= 1 -> q int8 [..., K], scale float32 [...].
+The same function quantizes a weight [N, K] per output channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qbert.ops import _checks
+from qbert.ops._registry import device_reasons, op
+from qbert.quant.int8 import INT8_QMAX
+
+NAME = "quantize_per_token"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OP = op(NAME)
+
+
+def _check(x: torch.Tensor) -> None:
+    _checks.check_dtype(NAME, "x", x, *FLOAT_DTYPES)
+    _checks.check_ndim(NAME, "x", x, min_ndim=1)
+    _checks.check_nonempty_k(NAME, "x", x)
+    _checks.check_contiguous(NAME, x=x)
+
+
+@torch.library.custom_op("qbert::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 quantization of ``x`` [..., K]; returns ``(q int8 [..., K], scale f32 [...])``."""
+    _check(x)
+    q, scale = _OP(x.reshape(-1, x.shape[-1]))
+    return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+@quantize_per_token.register_fake
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x)
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / INT8_QMAX, torch.ones_like(amax))
+    q = torch.round(xf / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scale
+
+
+def _cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.qbert.quantize_per_token_cpu(x)
+
+
+def _triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from qbert.kernels.quantize_per_token import quantize_per_token_triton
+
+    return quantize_per_token_triton(x)
+
+
+def _supports(backend: str):
+    def supports(x: torch.Tensor) -> list[str]:
+        return device_reasons(backend, x)
+
+    return supports
+
+
+_OP.register("reference", quantize_per_token_reference, lambda x: [])
+_OP.register("cpu", _cpu, _supports("cpu"))
+_OP.register("triton", _triton, _supports("triton"))

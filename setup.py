@@ -1,0 +1,71 @@
+"""Builds qbert._C: the CPU kernels always, the CUDA kernels when torch and the toolkit have CUDA.
+
+Environment:
+  QBERT_FORCE_CUDA=1  require the CUDA sources (fail if torch has no CUDA or CUDA_HOME is unset)
+  QBERT_NO_CUDA=1     never build the CUDA sources
+  QBERT_CUDA_ARCHS    semicolon-separated arch list for the CUDA build (default "8.0;9.0a")
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def _cuda_decision() -> tuple[bool, str]:
+    if os.environ.get("QBERT_NO_CUDA") == "1":
+        return False, "QBERT_NO_CUDA=1"
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is a CPU build")
+    if CUDA_HOME is None:
+        missing.append("CUDA_HOME is not set and nvcc was not found")
+    if missing and os.environ.get("QBERT_FORCE_CUDA") == "1":
+        raise SystemExit("qbert: QBERT_FORCE_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))
+    return not missing, "; ".join(missing)
+
+
+with_cuda, why_not = _cuda_decision()
+cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+cuda_sources = _sources("csrc/cuda/**/*.cu")
+# -fopenmp at compile time only: at::parallel_for's OpenMP regions then resolve to the OpenMP runtime
+# torch itself loaded, so torch.set_num_threads() governs qbert's kernels too.
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", f"-DQBERT_WITH_CUDA={int(with_cuda)}"]
+include_dirs = [str(ROOT / "csrc")]
+
+if with_cuda:
+    archs = os.environ.get("QBERT_CUDA_ARCHS", "8.0;9.0a").split(";")
+    gencode = []
+    for arch in archs:
+        sm = arch.replace(".", "")
+        gencode += ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
+    ext = CUDAExtension(
+        "qbert._C",
+        cpu_sources + cuda_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                                        f"-DQBERT_WITH_CUDA=1", *gencode]},
+    )
+    print(f"qbert: building CPU and CUDA kernels for {', '.join(archs)}")
+else:
+    ext = CppExtension("qbert._C", cpu_sources, include_dirs=include_dirs,
+                       extra_compile_args={"cxx": cxx_flags})
+    print(f"qbert: building CPU kernels only, CUDA skipped ({why_not}); QBERT_FORCE_CUDA=1 makes this an error")
+
+setup(
+    packages=["qbert", *(f"qbert.{p.name}" for p in sorted((ROOT / "qbert").iterdir())
+                         if (p / "__init__.py").exists()), "qbert.kernels", "qbert.benchmarks"],
+    # Triton kernels and benchmarks live at the top of the repository and install inside the package
+    # (a top-level "kernels" package would clash with an unrelated PyPI project of that name).
+    package_dir={"qbert.kernels": "kernels", "qbert.benchmarks": "benchmarks"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+)
