@@ -28,5 +28,7 @@ def module() -> ModuleType:
     return loaded
 
 
+@functools.cache
 def build_info() -> dict:
+    """What this build of qbert._C contains (cached: it cannot change while the process runs)."""
     return dict(module().build_info())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 import warnings
@@ -103,9 +104,14 @@ _AVAILABILITY: dict[str, Callable[[], list[str]]] = {
 }
 
 
+@functools.cache
+def _unavailable(backend: str) -> tuple[str, ...]:
+    return tuple(_AVAILABILITY[backend]())
+
+
 def backend_unavailable(backend: str) -> list[str]:
-    """Reasons ``backend`` cannot run anything in this process (empty if it can)."""
-    return _AVAILABILITY[backend]()
+    """Reasons ``backend`` cannot run anything in this process (empty if it can); fixed per process."""
+    return list(_unavailable(backend))
 
 
 # ---- device rules shared by the rows ----------------------------------------------------------------

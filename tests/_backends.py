@@ -1,0 +1,57 @@
+"""Parametrization over (device, backend) pairs found through the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qbert.ops._registry import BACKENDS, OPS, backend_unavailable, triton_interpreter
+
+_DEVICE_BACKENDS = {"cpu": ("reference", "cpu", "triton"), "cuda": ("reference", "triton", "cuda")}
+
+
+def _skip_reason(device: str, backend: str) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    unavailable = backend_unavailable(backend)
+    if unavailable:
+        return "; ".join(unavailable)
+    if device == "cpu" and backend == "triton" and not triton_interpreter():
+        return "triton on cpu needs TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no GPU)"
+    return None
+
+
+def device_backends(op_name: str) -> list:
+    """pytest params ``(device, backend)`` for every backend the op registers, with readable ids."""
+    params = []
+    for device, backends in _DEVICE_BACKENDS.items():
+        for backend in backends:
+            if backend not in OPS[op_name].rows:
+                continue
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            reason = _skip_reason(device, backend)
+            if reason:
+                marks.append(pytest.mark.skip(reason=reason))
+            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    assert {p.values[1] for p in params} == set(OPS[op_name].rows), "a registered backend has no test device"
+    assert set(OPS[op_name].rows) <= set(BACKENDS)
+    return params
+
+
+def int8_codes(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """Random int8 over the full range, -128 included."""
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
+
+
+def assert_error_within(out: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, factor: float = 2.0) -> None:
+    """Float tier: ``out``'s max error against ``truth`` is at most ``factor`` times ``baseline``'s.
+
+    ``baseline`` is what PyTorch computes in the same dtype (flash-attention's rule), so the bound scales
+    with the dtype's precision; the floor of one float32 ulp of the largest value keeps an exact baseline
+    from demanding more than float32 can give.
+    """
+    truth = truth.double()
+    out_err = (out.double() - truth).abs().max().item()
+    base_err = (baseline.double() - truth).abs().max().item()
+    floor = torch.finfo(torch.float32).eps * truth.abs().max().item()
+    assert out_err <= factor * base_err + floor, f"error {out_err:.3g} > {factor} x baseline {base_err:.3g}"
