@@ -4,8 +4,11 @@
 """
 
 from qbert import ops
+from qbert.io import QuantizedFileError, load_quantized, save_quantized
+from qbert.nn import QLinear, quantize
 from qbert.ops import BackendError, FallbackWarning, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "FallbackWarning", "ops", "use_backend", "__version__"]
+__all__ = ["BackendError", "FallbackWarning", "QLinear", "QuantizedFileError", "load_quantized", "ops",
+           "quantize", "save_quantized", "use_backend", "__version__"]

@@ -1,0 +1,190 @@
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import qbert
+import qbert.io
+from qbert.io import FORMAT_NAME, FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_LAYERS
+from qbert.nn import QLinear
+from tests.nn._tiny_models import build, first_output, linear_names
+
+FILE_NAME = "model.safetensors"
+
+
+def _quantized(class_name: str, mode: str = "w8a8", include_head: bool = False, dtype=torch.float32,
+               **config_overrides) -> nn.Module:
+    model = build(class_name, **config_overrides).to(dtype)
+    return qbert.quantize(model, mode, include_head=include_head)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A quantized BertForSequenceClassification saved to tmp_path; returns the path."""
+    path = tmp_path / FILE_NAME
+    qbert.save_quantized(_quantized("BertForSequenceClassification"), path)
+    return path
+
+
+def _quoted(path) -> str:
+    """``path`` as a regex that matches it literally."""
+    return re.escape(str(path))
+
+
+def _rewrite(path, change_metadata=None, change_tensors=None) -> None:
+    """Rewrite the file at ``path`` with edited metadata and/or tensors (to make broken files)."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    if change_metadata:
+        change_metadata(metadata)
+    if change_tensors:
+        change_tensors(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize("class_name,mode,include_head,dtype", [
+    pytest.param("BertForMaskedLM", "w8a8", False, torch.float32, id="bert-mlm-tied-head-w8a8"),
+    pytest.param("BertModel", "w8a16", False, torch.bfloat16, id="bert-bf16-w8a16"),
+    pytest.param("RobertaForSequenceClassification", "w8a16", True, torch.float32,
+                 id="roberta-cls-heads-w8a16"),
+    pytest.param("DistilBertForQuestionAnswering", "w8a8", True, torch.float32,
+                 id="distilbert-qa-heads-w8a8"),
+    pytest.param("DistilBertForMaskedLM", "w8a8", True, torch.float32, id="distilbert-mlm-untied-head-w8a8"),
+    pytest.param("AlbertForPreTraining", "w8a8", False, torch.float32, id="albert-pretraining-w8a8"),
+    pytest.param("ElectraForPreTraining", "w8a16", False, torch.float32, id="electra-pretraining-w8a16"),
+])
+def test_round_trip_is_bit_identical(tmp_path, class_name, mode, include_head, dtype):
+    model = _quantized(class_name, mode, include_head, dtype)
+    path = tmp_path / FILE_NAME
+    qbert.save_quantized(model, path)
+    loaded = qbert.load_quantized(path)
+
+    assert type(loaded) is type(model) and not loaded.training
+    assert torch.equal(first_output(loaded), first_output(model))
+    assert linear_names(loaded, QLinear) == linear_names(model, QLinear)
+    assert linear_names(loaded) == linear_names(model)
+    modes = {name: m.mode for name, m in loaded.named_modules() if isinstance(m, QLinear)}
+    assert modes == {name: m.mode for name, m in model.named_modules() if isinstance(m, QLinear)}
+    if model.get_output_embeddings() is not None and not include_head:
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert os.listdir(tmp_path) == [FILE_NAME]
+
+
+def test_albert_sharing_survives_a_round_trip(tmp_path):
+    model = _quantized("AlbertModel", num_hidden_layers=4, num_hidden_groups=2)
+    path = tmp_path / FILE_NAME
+    qbert.save_quantized(model, path)
+    loaded = qbert.load_quantized(path)
+    count = len([m for m in model.modules() if isinstance(m, QLinear)])
+    assert len([m for m in loaded.modules() if isinstance(m, QLinear)]) == count
+    assert torch.equal(first_output(loaded), first_output(model))
+
+
+def test_a_layer_with_two_names_stays_shared(tmp_path):
+    # BertModel with its pooler Linear also registered under a second name.
+    model = build("BertModel")
+    model.pooler.alias = model.encoder.layer[0].output.dense
+    qbert.quantize(model, "w8a8")
+    path = tmp_path / FILE_NAME
+    qbert.save_quantized(model, path)
+    entries = json.loads(qbert.io._read_metadata(os.fspath(path))[KEY_LAYERS])
+    assert ["encoder.layer.0.output.dense", "pooler.alias"] in [e["names"] for e in entries]
+
+
+def test_metadata_layout(saved):
+    with safe_open(saved, framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata[KEY_FORMAT] == FORMAT_NAME and metadata[KEY_FORMAT_VERSION] == str(FORMAT_VERSION)
+    assert metadata["qbert.model_class"] == "BertForSequenceClassification"
+    assert json.loads(metadata[KEY_CONFIG])["hidden_size"] == 64
+    entry = json.loads(metadata[KEY_LAYERS])[0]
+    assert entry == {"names": ["bert.encoder.layer.0.attention.self.query"], "mode": "w8a8",
+                     "in_features": 64, "out_features": 64, "bias": True, "bias_dtype": "float32"}
+
+
+def test_a_failed_save_leaves_the_earlier_file_intact(saved, monkeypatch):
+    before = saved.read_bytes()
+
+    def write_half_then_fail(model, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(before[: len(before) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(qbert.io, "save_model", write_half_then_fail)
+    with pytest.raises(OSError, match="No space left on device"):
+        qbert.save_quantized(_quantized("BertModel", "w8a16"), saved)
+    assert saved.read_bytes() == before
+    assert os.listdir(saved.parent) == [FILE_NAME]
+
+
+@pytest.mark.parametrize("cut", [
+    pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+    pytest.param(lambda data: b"not a safetensors file at all", id="garbage"),
+    pytest.param(lambda data: b"", id="empty"),
+])
+def test_a_corrupt_file_is_an_error_naming_it(saved, cut):
+    saved.write_bytes(cut(saved.read_bytes()))
+    match = f"{_quoted(saved)} is not a readable safetensors file"
+    with pytest.raises(qbert.QuantizedFileError, match=match):
+        qbert.load_quantized(saved)
+
+
+@pytest.mark.parametrize("change,match", [
+    pytest.param(lambda m: m.pop(KEY_FORMAT_VERSION), "has no format version", id="missing-version"),
+    pytest.param(lambda m: m.update({KEY_FORMAT_VERSION: "2"}), "has format version '2'; this qbert reads "
+                 "version 1", id="future-version"),
+    pytest.param(lambda m: m.pop(KEY_FORMAT), "is not a qbert quantized model", id="missing-format"),
+    pytest.param(lambda m: m.update({"qbert.model_class": "NotAModel"}), "'NotAModel' is not a transformers",
+                 id="unknown-class"),
+    pytest.param(lambda m: m.update({KEY_CONFIG: "{"}), "'qbert.config' is not valid JSON", id="bad-json"),
+    pytest.param(lambda m: m.update({KEY_LAYERS: m[KEY_LAYERS].replace("w8a8", "w3a8")}),
+                 "unknown quantization mode 'w3a8'", id="unknown-mode"),
+])
+def test_bad_metadata_is_an_error_naming_the_file(saved, change, match):
+    _rewrite(saved, change_metadata=change)
+    with pytest.raises(qbert.QuantizedFileError, match=f"{_quoted(saved)}.*{match}"):
+        qbert.load_quantized(saved)
+
+
+def test_a_tensor_of_the_wrong_shape_is_an_error(saved):
+    key = "bert.encoder.layer.1.intermediate.dense.w_q"
+    _rewrite(saved, change_tensors=lambda t: t.update({key: t[key][:, :-1].contiguous()}))
+    with pytest.raises(qbert.QuantizedFileError,
+                       match=rf"{_quoted(saved)}: tensor '{key}' is \[128, 63\] torch.int8 in the file, "
+                             rf"but the model rebuilt from the metadata expects \[128, 64\] torch.int8"):
+        qbert.load_quantized(saved)
+
+
+def test_a_config_that_does_not_match_the_layers_is_an_error(saved):
+    def shrink_ffn(metadata):
+        config = json.loads(metadata[KEY_CONFIG])
+        config["intermediate_size"] = 96
+        metadata[KEY_CONFIG] = json.dumps(config)
+
+    _rewrite(saved, change_metadata=shrink_ffn)
+    with pytest.raises(qbert.QuantizedFileError,
+                       match=r"quantized layer 'bert.encoder.layer.0.intermediate.dense' is "
+                             r"\[in=64, out=128\] but the rebuilt model has "
+                             r"Linear\(in_features=64, out_features=96"):
+        qbert.load_quantized(saved)
+
+
+def test_a_missing_tensor_is_an_error(saved):
+    key = "bert.pooler.dense.bias"
+    _rewrite(saved, change_tensors=lambda t: t.pop(key))
+    match = f"(?s){_quoted(saved)}: the tensors do not match.*{key}"
+    with pytest.raises(qbert.QuantizedFileError, match=match):
+        qbert.load_quantized(saved)
+
+
+def test_only_transformers_models_can_be_saved(tmp_path):
+    model = qbert.quantize(nn.Sequential(nn.Linear(8, 8)), "w8a8")
+    with pytest.raises(TypeError, match="Sequential is not a transformers model class"):
+        qbert.save_quantized(model, tmp_path / FILE_NAME)
+    assert os.listdir(tmp_path) == []
