@@ -1,0 +1,357 @@
+"""Shared benchmark harness: timing, validation, torch.ao baselines, result records and report writers.
+
+Timing
+  CPU:  ``time.perf_counter`` around batches of calls (a batch lasts at least ``MIN_BATCH_S``, so short
+        calls are not dominated by the clock), median over repeats after warm-up, at a fixed
+        ``torch.set_num_threads`` that is recorded with the results.
+  CUDA: CUDA events around one call on each of several input copies, median over repeats. The copies
+        together are larger than ``L2_FLUSH_BYTES`` so that weights come from HBM, as they do in a model
+        whose layers are run one after another (one BERT layer fits in an H100's 50 MB L2).
+
+Every qbert backend is validated against the reference once before it is timed (exact for integer
+outputs, close for float). A case a backend cannot run is recorded with its reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import platform
+import re
+import statistics
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_THREADS = 2
+DEFAULT_WARMUP = 3
+DEFAULT_REPEATS = 20
+MIN_BATCH_S = 1e-3  # a CPU timing batch repeats the call until it lasts at least this long
+MAX_BATCH_CALLS = 1000
+L2_FLUSH_BYTES = 2 * 50 * 2**20  # twice the H100's L2: rotated inputs never all fit in it
+MAX_INPUT_COPIES = 64
+US_PER_S = 1e6
+METRIC_DIGITS = 6  # cosines near 1 need them: 0.999987
+TERA = 1e12
+# Float outputs of a backend must match the reference's to this error, relative to the largest
+# reference magnitude (same math in float32, only the summation / multiplication order differs).
+FLOAT_REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Exceptions a backend may raise when it cannot run a case (a missing kernel, a refused shape).
+BACKEND_FAILURES = (RuntimeError, NotImplementedError, AttributeError, ImportError, ValueError, TypeError)
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SMOKE_RESULTS_DIR = Path("bench_out")  # relative to the working directory; git-ignored in the repo
+
+STATUS_OK = "ok"
+STATUS_UNSUPPORTED = "unsupported"
+STATUS_FAILED = "failed"  # ran, but disagreed with the reference
+
+
+# ---- environment ----------------------------------------------------------------------------------
+
+def set_threads(threads: int) -> int:
+    """Pin torch's intra-op thread count (CPU timings depend on it) and return it."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+_SLUG_NOISE = re.compile(r"\(r\)|\(tm\)|\bnvidia\b|\bprocessor\b|\bcpu\b|\d+-core|@.*$")
+_SLUG_WORDS = 3
+
+
+def device_slug(device: torch.device) -> str:
+    """A short file-name tag for the device: ``h100``, ``cpu-amd-epyc-7b13``."""
+    words = re.sub(r"[^a-z0-9]+", " ", _SLUG_NOISE.sub(" ", device_name(device).lower())).split()
+    if device.type == "cuda":
+        return words[0] if words else "cuda"
+    return "-".join(["cpu", *words[:_SLUG_WORDS]])
+
+
+def package_version(name: str) -> str:
+    """Installed version of ``name`` from its metadata (never imports it: triton stays unimported)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit() -> str:
+    """HEAD of the repository holding this file (``-dirty`` if it has local changes), else "unknown"."""
+    cwd = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def environment(device: torch.device, threads: int, suite: str, **extra: Any) -> dict[str, Any]:
+    """The metadata every results file carries."""
+    from qbert import __version__, _ext
+
+    meta = {
+        "suite": suite,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "threads": threads,
+        "git_commit": git_commit(),
+        "qbert": __version__,
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
+        "python": platform.python_version(),
+    }
+    if not _ext.load_error() and hasattr(_ext.module(), "cpu_isa"):
+        meta["cpu_isa"] = _ext.module().cpu_isa()
+    meta.update(extra)
+    return meta
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+def _median_us(samples_s: Sequence[float]) -> float:
+    return statistics.median(samples_s) * US_PER_S
+
+
+def time_cpu(fn: Callable[[], Any], warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS) -> float:
+    """Median µs of one ``fn()`` call on the CPU."""
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-9)
+    calls = min(MAX_BATCH_CALLS, max(1, math.ceil(MIN_BATCH_S / once)))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls)
+    return _median_us(samples)
+
+
+def input_copies(bytes_per_copy: int) -> int:
+    """How many copies of a case's inputs to rotate through so that together they overflow L2."""
+    return max(1, min(MAX_INPUT_COPIES, math.ceil(L2_FLUSH_BYTES / max(bytes_per_copy, 1))))
+
+
+def time_cuda(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = DEFAULT_WARMUP,
+              repeats: int = DEFAULT_REPEATS) -> float:
+    """Median µs of ``fn(x)`` on CUDA, rotating ``x`` over ``inputs`` (see ``input_copies``)."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        for x in inputs:
+            fn(x)
+        end.record()
+    torch.cuda.synchronize()
+    ms_per_s = 1e3
+    return _median_us([start.elapsed_time(end) / ms_per_s / len(inputs) for start, end in events])
+
+
+def time_fn(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.device,
+            warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS) -> float:
+    """Median µs of ``fn(x)``: CUDA events over rotated ``inputs`` on CUDA, perf_counter on CPU."""
+    if device.type == "cuda":
+        return time_cuda(fn, inputs, warmup, repeats)
+    return time_cpu(lambda: fn(inputs[0]), warmup, repeats)
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str:
+    """Empty if ``out`` matches ``ref`` (exactly for integer dtypes, within FLOAT_REL_TOL for float),
+    else what differs."""
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return f"got {out.dtype}{list(out.shape)}, the reference gives {ref.dtype}{list(ref.shape)}"
+    if not ref.dtype.is_floating_point:
+        wrong = int((out != ref).sum())
+        return f"{wrong} of {ref.numel()} integer outputs differ from the reference" if wrong else ""
+    err = (out.float() - ref.float()).abs().max().item()
+    scale = max(ref.float().abs().max().item(), torch.finfo(torch.float32).tiny)
+    tol = FLOAT_REL_TOL[ref.dtype]
+    return f"max |error| / max |ref| = {err / scale:.2e} exceeds {tol:.0e}" if err > tol * scale else ""
+
+
+# ---- torch.ao baseline ----------------------------------------------------------------------------
+
+def ao_engines() -> list[str]:
+    """The torch.ao quantized engines this CPU build offers, among those worth comparing against."""
+    wanted = ("onednn", "x86", "fbgemm")
+    return [e for e in wanted if e in torch.backends.quantized.supported_engines]
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """Run torch.ao quantized modules on ``engine`` inside the block (it must be set when they are built
+    and when they run)."""
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"torch.ao engine {engine!r} is not available; this build has "
+                         f"{torch.backends.quantized.supported_engines}")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def ao_dynamic_int8(model: torch.nn.Module, engine: str) -> torch.nn.Module:
+    """A copy of ``model`` with every nn.Linear replaced by torch.ao's dynamic int8 linear: per-channel
+    int8 weights (like qbert's), activations quantized per tensor at run time. Run it under
+    ``quantized_engine(engine)``."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with quantized_engine(engine), warnings.catch_warnings():
+        # torch.ao.quantization announces its deprecation on every call; it is the baseline on purpose.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated")
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+
+
+# ---- results --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+    """One row: a case (shape columns), an implementation, and how it did.
+
+    ``speedup`` maps each baseline measured in the same run on the same case to
+    ``baseline_time / this_time`` (> 1: this row is faster).
+    """
+
+    case: dict[str, Any]
+    impl: str
+    backend: str = ""
+    baseline: bool = False
+    dtype: str = ""
+    time_us: float | None = None
+    throughput: float | None = None  # in the suite's throughput unit (TOP/s, TFLOP/s)
+    speedup: dict[str, float] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    status: str = STATUS_OK
+    reason: str = ""
+
+    def case_key(self) -> tuple:
+        return tuple(self.case.items())
+
+
+def attach_speedups(results: list[Result]) -> None:
+    """Fill ``speedup`` of every timed row against every timed baseline of the same case."""
+    baselines: dict[tuple, list[Result]] = {}
+    for r in results:
+        if r.baseline and r.time_us:
+            baselines.setdefault(r.case_key(), []).append(r)
+    for r in results:
+        if r.time_us:
+            r.speedup = {b.impl: b.time_us / r.time_us for b in baselines.get(r.case_key(), []) if b is not r}
+
+
+def baseline_names(results: Sequence[Result]) -> list[str]:
+    return list(dict.fromkeys(r.impl for r in results if r.baseline))
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def markdown_table(results: Sequence[Result], meta: dict[str, Any], time_unit: str = "us",
+                   throughput_unit: str = "") -> str:
+    """A markdown table with the run's metadata as a header line; unsupported rows keep their reason."""
+    scale = {"us": 1.0, "ms": 1e-3}[time_unit]
+    case_cols = list(dict.fromkeys(k for r in results for k in r.case))
+    metric_cols = list(dict.fromkeys(k for r in results for k in r.metrics))
+    bases = baseline_names(results)
+    header = [*case_cols, "impl", "dtype", "µs" if time_unit == "us" else "ms"]
+    header += [throughput_unit] if throughput_unit else []
+    header += [f"× {b}" for b in bases] + metric_cols + ["status"]
+    lines = [
+        f"**{meta['suite']}** — {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, "
+        f"triton {meta['triton']}, transformers {meta['transformers']}, commit {meta['git_commit'][:12]}, "
+        f"{meta['date']}" + (f", cpu isa {meta['cpu_isa']}" if "cpu_isa" in meta else ""),
+        "",
+        "× X = time of baseline X / time of the row (> 1: faster than X).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in results:
+        time_val = r.time_us * scale if r.time_us is not None else None
+        row = [str(r.case.get(c, "")) for c in case_cols]
+        row += [r.impl + (" (baseline)" if r.baseline else ""), r.dtype, _fmt(time_val)]
+        row += [_fmt(r.throughput)] if throughput_unit else []
+        row += [_fmt(r.speedup.get(b)) for b in bases]
+        row += [_fmt(r.metrics.get(m), METRIC_DIGITS) for m in metric_cols]
+        row += [r.status if r.status == STATUS_OK else f"{r.status}: {r.reason}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_stem(meta: dict[str, Any], device: torch.device) -> str:
+    """``YYYY-MM-DD-<device>-<suite>`` (DESIGN §6)."""
+    return f"{meta['date'][:10]}-{device_slug(device)}-{meta['suite']}"
+
+
+def write_reports(results: Sequence[Result], meta: dict[str, Any], out_dir: Path, device: torch.device,
+                  time_unit: str = "us", throughput_unit: str = "") -> dict[str, Path]:
+    """Write ``<stem>.json``, ``.csv`` and ``.md`` under ``out_dir``; return their paths by suffix."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / report_stem(meta, device)
+    paths = {suffix: stem.with_suffix(f".{suffix}") for suffix in ("json", "csv", "md")}
+    meta = {**meta, "time_unit": "us", "throughput_unit": throughput_unit}
+    rows = [dataclasses.asdict(r) for r in results]
+    paths["json"].write_text(json.dumps({"meta": meta, "results": rows}, indent=2, default=str) + "\n")
+
+    bases = baseline_names(results)
+    case_cols = list(dict.fromkeys(k for r in results for k in r.case))
+    metric_cols = list(dict.fromkeys(k for r in results for k in r.metrics))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f"# {k}={v}" for k, v in meta.items()])
+        writer.writerow([*case_cols, "impl", "backend", "baseline", "dtype", "time_us", "throughput",
+                         *(f"speedup_vs_{b}" for b in bases), *metric_cols, "status", "reason"])
+        for r in results:
+            writer.writerow([*(r.case.get(c, "") for c in case_cols), r.impl, r.backend, r.baseline, r.dtype,
+                             r.time_us, r.throughput, *(r.speedup.get(b, "") for b in bases),
+                             *(r.metrics.get(m, "") for m in metric_cols), r.status, r.reason])
+    paths["md"].write_text(markdown_table(results, meta, time_unit, throughput_unit))
+    return paths
