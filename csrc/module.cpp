@@ -2,6 +2,9 @@
 // csrc/cuda) and exposes what this build contains.
 #include <torch/extension.h>
 
+#include <string>
+#include <vector>
+
 #include "cpu/isa.h"
 
 #ifndef QBERT_WITH_CUDA
@@ -25,6 +28,28 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   });
-  m.def("cpu_isa", [] { return std::string(qbert::cpu::isa_name(qbert::cpu::detect_isa())); },
-        "the best int8 instruction set this CPU offers to the cpu backend");
+  m.def("cpu_isa", [] { return std::string(qbert::cpu::isa_name(qbert::cpu::active_isa())); },
+        "the int8 instruction set the cpu backend uses now: the best this CPU offers, unless set_cpu_isa "
+        "forced another");
+  m.def("cpu_isas", [] {
+    std::vector<std::string> names;
+    for (int i = 0; i < qbert::cpu::kNumIsas; ++i) {
+      const auto isa = static_cast<qbert::cpu::Isa>(i);
+      if (qbert::cpu::isa_supported(isa)) names.emplace_back(qbert::cpu::isa_name(isa));
+    }
+    return names;
+  }, "every int8 instruction set this CPU can run, slowest first");
+  m.def("set_cpu_isa", [](const std::string& name) {
+    if (name == "auto") return qbert::cpu::reset_isa();
+    qbert::cpu::Isa isa;
+    std::string known;
+    for (int i = 0; i < qbert::cpu::kNumIsas; ++i)
+      known += std::string(i ? ", " : "") + qbert::cpu::isa_name(static_cast<qbert::cpu::Isa>(i));
+    TORCH_CHECK_VALUE(qbert::cpu::isa_from_name(name.c_str(), &isa), "set_cpu_isa: unknown ISA '", name,
+                      "'; expected 'auto' or one of ", known);
+    TORCH_CHECK_VALUE(qbert::cpu::isa_supported(isa), "set_cpu_isa: this CPU cannot run '", name,
+                      "' (its best is '", qbert::cpu::isa_name(qbert::cpu::detect_isa()), "')");
+    qbert::cpu::force_isa(isa);
+  }, pybind11::arg("name"),
+        "force the cpu backend onto one instruction set (for tests and benchmarks); 'auto' restores the best");
 }

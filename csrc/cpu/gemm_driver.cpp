@@ -1,0 +1,237 @@
+// Blocking, threading and ISA dispatch of the int8 GEMM (kernels in gemm_avx512.h / gemm_avx2.h).
+//
+// Packed path: the work is a grid of (B panel of kNr columns) x (chunk of M). A thread packs a B
+// panel once into a thread-local buffer (kNr * K bytes: 36 KiB at K = 768 on AVX-512, kept between
+// calls so it is allocated once per thread and K) and sweeps its M chunk with the
+// micro-kernel, applying the epilogue to each kMr x kNr tile as it finishes. Tasks are numbered panel
+// by panel, so at::parallel_for's contiguous split hands each thread whole panels and B is packed once
+// per call overall. M is chunked only when the panels alone cannot keep every thread busy.
+#include "cpu/gemm_driver.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/gemm_avx2.h"
+#include "cpu/gemm_avx512.h"
+
+namespace qbert::cpu {
+namespace {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Below this many rows of A the AVX-512 path skips packing B (O(N K), as costly as the whole product
+// when M is tiny) and uses the row-major dot kernel instead.
+constexpr int64_t kSmallM = 8;
+// Rows x K per parallel task in the O(M K) preparation of A, so a task outweighs its scheduling.
+constexpr int64_t kMinPrepElemsPerTask = 16384;
+// With at least this many panels per thread the split over panels alone is balanced enough.
+constexpr int64_t kPanelsPerThreadBalanced = 4;
+
+// ---- kernel policies: one per ISA, each a thin adapter over the kernel headers ---------------------
+struct Avx512Policy {
+  static constexpr int kMr = avx512::kMr, kNr = avx512::kNr;
+  static constexpr bool kCorr = true;
+  using AElem = int8_t;
+  using BElem = uint8_t;
+  static int64_t panel_elems(int64_t K) { return avx512::panel_bytes(K); }
+  static int64_t a_ld(int64_t K) { return avx512::k_groups(K) * avx512::kKGroup; }
+  static void pack(const int8_t* b, int64_t K, int64_t n0, int nr, BElem* dst) {
+    avx512::pack_b_panel(b, K, n0, nr, dst);
+  }
+  static void micro(int mr, const AElem* a, int64_t lda, const BElem* bp, int64_t K, const Epilogue& e, int64_t m0,
+                    int64_t n0, int nr, int32_t* tile) {
+    avx512::micro_kernel_rows(mr, a, lda, bp, avx512::k_groups(K), e, m0, n0, nr, tile);
+  }
+  static int32_t corr(const int8_t* a, int64_t K) { return avx512::row_corr(a, K); }
+};
+
+struct AvxVnniPolicy {
+  static constexpr int kMr = avx2::kMr, kNr = avx2::kNr;
+  static constexpr bool kCorr = true;
+  using AElem = int8_t;
+  using BElem = uint8_t;
+  static int64_t panel_elems(int64_t K) { return avx2::vnni_panel_bytes(K); }
+  static int64_t a_ld(int64_t K) { return avx2::groups(K, avx2::kVnniGroup) * avx2::kVnniGroup; }
+  static void pack(const int8_t* b, int64_t K, int64_t n0, int nr, BElem* dst) {
+    avx2::vnni_pack_b_panel(b, K, n0, nr, dst);
+  }
+  static void micro(int mr, const AElem* a, int64_t lda, const BElem* bp, int64_t K, const Epilogue& e, int64_t m0,
+                    int64_t n0, int nr, int32_t* tile) {
+    avx2::vnni_micro_kernel_rows(mr, a, lda, bp, avx2::groups(K, avx2::kVnniGroup), tile);
+    for (int r = 0; r < mr; ++r) epilogue_row_avx2(e, tile + r * kNr, m0 + r, n0, nr);
+  }
+  static int32_t corr(const int8_t* a, int64_t K) { return avx2::vnni_row_corr(a, K); }
+};
+
+struct Avx2Policy {
+  static constexpr int kMr = avx2::kMr, kNr = avx2::kNr;
+  static constexpr bool kCorr = false;  // signed x signed: nothing to undo
+  using AElem = int16_t;
+  using BElem = int16_t;
+  static int64_t panel_elems(int64_t K) { return avx2::madd_panel_elems(K); }
+  static int64_t a_ld(int64_t K) { return avx2::madd_a_ld(K); }
+  static void pack(const int8_t* b, int64_t K, int64_t n0, int nr, BElem* dst) {
+    avx2::madd_pack_b_panel(b, K, n0, nr, dst);
+  }
+  static void micro(int mr, const AElem* a, int64_t lda, const BElem* bp, int64_t K, const Epilogue& e, int64_t m0,
+                    int64_t n0, int nr, int32_t* tile) {
+    avx2::madd_micro_kernel_rows(mr, a, lda, bp, avx2::groups(K, avx2::kMaddGroup), tile);
+    for (int r = 0; r < mr; ++r) epilogue_row_avx2(e, tile + r * kNr, m0 + r, n0, nr);
+  }
+  static int32_t corr(const int8_t*, int64_t) { return 0; }
+};
+
+// Copies row a[K] into dst[ld] (widening to int16 for AVX2), zero-padding the k-group tail.
+template <class AElem>
+void prepare_a_row(const int8_t* a, int64_t K, int64_t ld, AElem* dst) {
+  for (int64_t k = 0; k < K; ++k) dst[k] = a[k];
+  for (int64_t k = K; k < ld; ++k) dst[k] = 0;
+}
+
+template <class P>
+void run_packed(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi) {
+  using AElem = typename P::AElem;
+  using BElem = typename P::BElem;
+  // A as the micro-kernel reads it: a itself when its rows already fill whole k-groups of the right
+  // element type, else a padded (and, for AVX2, widened) copy made up front.
+  const int64_t lda = P::a_ld(K);
+  constexpr bool kSameElem = std::is_same_v<AElem, int8_t>;
+  const bool copy_a = !kSameElem || lda != K;
+  std::vector<AElem> a_copy(copy_a ? M * lda : 0);
+  if (copy_a) {
+    at::parallel_for(0, M, std::max<int64_t>(1, kMinPrepElemsPerTask / K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) prepare_a_row(a + m * K, K, lda, a_copy.data() + m * lda);
+    });
+  }
+  const AElem* ap = copy_a ? a_copy.data() : reinterpret_cast<const AElem*>(a);
+
+  const int64_t n_panels = ceil_div(N, P::kNr), m_tiles = ceil_div(M, P::kMr);
+  const int64_t threads = at::get_num_threads();
+  int64_t m_chunks = 1;
+  if (n_panels % threads != 0 && n_panels < kPanelsPerThreadBalanced * threads)
+    m_chunks = std::min(m_tiles, ceil_div(kPanelsPerThreadBalanced * threads, n_panels));
+  const int64_t tiles_per_chunk = ceil_div(m_tiles, m_chunks);
+  m_chunks = ceil_div(m_tiles, tiles_per_chunk);
+
+  at::parallel_for(0, n_panels * m_chunks, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<BElem> panel;
+    panel.resize(std::max<size_t>(panel.size(), P::panel_elems(K)));
+    // Each thread computes the VNNI corrections of the rows it meets itself: that scan of A costs
+    // K/64 vpdpbusd a row against 3K/4 a row for every panel, less than another fork-join round.
+    thread_local std::vector<int32_t> corr;
+    corr.resize(std::max<size_t>(corr.size(), M));
+    Epilogue e = epi;
+    e.corr = P::kCorr ? corr.data() : nullptr;
+    alignas(64) int32_t tile[P::kMr * P::kNr];
+    int64_t packed = -1, corrected = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t / m_chunks, chunk = t % m_chunks;
+      const int64_t n0 = p * P::kNr;
+      const int nr = static_cast<int>(std::min<int64_t>(P::kNr, N - n0));
+      if (p != packed) {
+        P::pack(b, K, n0, nr, panel.data());
+        packed = p;
+      }
+      const int64_t mt0 = chunk * tiles_per_chunk, mt1 = std::min(m_tiles, (chunk + 1) * tiles_per_chunk);
+      if (P::kCorr && chunk != corrected) {
+        for (int64_t m = mt0 * P::kMr; m < std::min(M, mt1 * P::kMr); ++m) corr[m] = P::corr(a + m * K, K);
+        corrected = chunk;
+      }
+      for (int64_t mt = mt0; mt < mt1; ++mt) {
+        const int64_t m0 = mt * P::kMr;
+        const int mr = static_cast<int>(std::min<int64_t>(P::kMr, M - m0));
+        P::micro(mr, ap + m0 * lda, lda, panel.data(), K, e, m0, n0, nr, tile);
+      }
+    }
+  });
+}
+
+// AVX-512 small-M path: no packing; tiles of kNr columns computed by row-major dot products.
+void run_dot_avx512(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi) {
+  std::vector<int32_t> corr(M);
+  for (int64_t m = 0; m < M; ++m) corr[m] = avx512::row_corr(a + m * K, K);
+  epi.corr = corr.data();
+  constexpr int kCols = avx512::kNr;
+  at::parallel_for(0, ceil_div(N, kCols), 1, [&](int64_t c0, int64_t c1) {
+    alignas(64) int32_t tile[avx512::kDotMaxRows * kCols];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * kCols;
+      const int nr = static_cast<int>(std::min<int64_t>(kCols, N - n0));
+      for (int64_t m0 = 0; m0 < M; m0 += avx512::kDotMaxRows) {
+        const int mb = static_cast<int>(std::min<int64_t>(avx512::kDotMaxRows, M - m0));
+        avx512::dot_tile(a, m0, mb, b, n0, nr, N - 1, K, tile, kCols);
+        for (int r = 0; r < mb; ++r) epilogue_row_avx512(epi, tile + r * kCols, m0 + r, n0, nr);
+      }
+    }
+  });
+}
+
+// ---- scalar: the portable reference path (baseline x86-64 has no FMA, so nothing can contract) ----
+float load_bias_scalar(const Epilogue& e, int64_t n) {
+  switch (e.bias_kind) {
+    case BiasKind::kF32: return static_cast<const float*>(e.bias)[n];
+    case BiasKind::kF16: return static_cast<float>(static_cast<const c10::Half*>(e.bias)[n]);
+    case BiasKind::kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(e.bias)[n]);
+    case BiasKind::kNone: break;
+  }
+  return 0.0f;
+}
+
+void epilogue_row_scalar(const Epilogue& e, const int32_t* acc, int64_t m, int64_t n0, int nr) {
+  const int64_t o = m * e.ldo + n0;
+  for (int j = 0; j < nr; ++j) {
+    if (e.out_kind == OutKind::kI32) {
+      static_cast<int32_t*>(e.out)[o + j] = acc[j];
+      continue;
+    }
+    float y = static_cast<float>(acc[j]) * e.x_scale[m];
+    y = y * e.w_scale[n0 + j];
+    if (e.bias_kind != BiasKind::kNone) y = y + load_bias_scalar(e, n0 + j);
+    switch (e.out_kind) {
+      case OutKind::kF32: static_cast<float*>(e.out)[o + j] = y; break;
+      case OutKind::kF16: static_cast<c10::Half*>(e.out)[o + j] = c10::Half(y); break;
+      case OutKind::kBF16: static_cast<c10::BFloat16*>(e.out)[o + j] = c10::BFloat16(y); break;
+      case OutKind::kI32: break;
+    }
+  }
+}
+
+void run_scalar(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, const Epilogue& epi) {
+  constexpr int kCols = avx512::kNr;  // any tile width works; this keeps one row of results in L1
+  at::parallel_for(0, M, std::max<int64_t>(1, kMinPrepElemsPerTask / (N * K) ), [&](int64_t m0, int64_t m1) {
+    int32_t tile[kCols];
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+        const int nr = static_cast<int>(std::min<int64_t>(kCols, N - n0));
+        for (int j = 0; j < nr; ++j) {
+          const int8_t* ar = a + m * K;
+          const int8_t* br = b + (n0 + j) * K;
+          int32_t s = 0;  // |s| <= K * 128 * 128 < 2^31 for K <= 131071
+          for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(ar[k]) * br[k];
+          tile[j] = s;
+        }
+        epilogue_row_scalar(epi, tile, m, n0, nr);
+      }
+  });
+}
+
+}  // namespace
+
+void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi, Isa isa) {
+  if (M == 0 || N == 0) return;
+  switch (isa) {
+    case Isa::kAvx512Vnni:
+      if (M < kSmallM) return run_dot_avx512(a, b, M, N, K, epi);
+      return run_packed<Avx512Policy>(a, b, M, N, K, epi);
+    case Isa::kAvxVnni: return run_packed<AvxVnniPolicy>(a, b, M, N, K, epi);
+    case Isa::kAvx2: return run_packed<Avx2Policy>(a, b, M, N, K, epi);
+    case Isa::kScalar: return run_scalar(a, b, M, N, K, epi);
+  }
+}
+
+}  // namespace qbert::cpu
