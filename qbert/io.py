@@ -34,6 +34,7 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from qbert.nn.qlinear import QLinear
+from qbert.ops._checks import FLOAT_DTYPES
 
 FORMAT_NAME = "qbert.quantized"
 FORMAT_VERSION = 1
@@ -48,7 +49,7 @@ KEY_QBERT_VERSION = "qbert.version"
 
 # rw-r--r--: what a plainly created file gets under the common umask 022 (mkstemp makes it rw-------).
 _FILE_MODE = 0o644
-_FLOAT_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+_FLOAT_DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 
 
 class QuantizedFileError(ValueError):

@@ -19,10 +19,12 @@ def _toy_op(refuse: dict[str, list[str]]) -> Op:
 
 def test_priority_order_picks_first_backend_without_reasons(monkeypatch):
     monkeypatch.setattr(_registry, "backend_unavailable", lambda backend: [])
-    toy = _toy_op({"cuda": ["not cuda"]})
-    assert toy(torch.zeros(1)) == "triton"
-    toy = _toy_op({"cuda": ["x"], "triton": ["y"]})
-    assert toy(torch.zeros(1)) == "cpu"
+    monkeypatch.setattr(_registry, "device_of", lambda args, kwargs: "cuda")
+    assert _toy_op({})(torch.zeros(1)) == "cuda"
+    assert _toy_op({"cuda": ["sm_70 is not supported"]})(torch.zeros(1)) == "triton"
+    monkeypatch.setattr(_registry, "device_of", lambda args, kwargs: "cpu")
+    assert _toy_op({})(torch.zeros(1)) == "cpu"
+    assert _toy_op({"cpu": ["K must be a multiple of 4"]})(torch.zeros(1)) == "reference"
 
 
 def test_use_backend_forces_and_nests(monkeypatch):
@@ -33,7 +35,7 @@ def test_use_backend_forces_and_nests(monkeypatch):
         with qbert.use_backend("cpu"):
             assert toy(torch.zeros(1)) == "cpu"
         assert toy(torch.zeros(1)) == "reference"
-    assert toy(torch.zeros(1)) == "cuda"
+    assert toy(torch.zeros(1)) == "cpu"
 
 
 def test_env_var_forces_a_backend(monkeypatch):
@@ -65,8 +67,8 @@ def test_forced_backend_without_an_implementation():
 
 def test_reference_fallback_on_cuda_warns_or_raises_under_strict(monkeypatch):
     monkeypatch.setattr(_registry, "backend_unavailable", lambda backend: [])
-    monkeypatch.setattr(_registry, "_on_cuda", lambda args, kwargs: True)
-    toy = _toy_op({"cuda": ["sm_70 is not supported"], "triton": ["no triton"], "cpu": ["not cpu"]})
+    monkeypatch.setattr(_registry, "device_of", lambda args, kwargs: "cuda")
+    toy = _toy_op({"cuda": ["sm_70 is not supported"], "triton": ["no triton"]})
     with pytest.warns(FallbackWarning, match="toy falls back to the PyTorch reference.*cuda: sm_70"):
         assert toy(torch.zeros(1)) == "reference"
     monkeypatch.setenv("QBERT_STRICT", "1")
@@ -77,7 +79,7 @@ def test_reference_fallback_on_cuda_warns_or_raises_under_strict(monkeypatch):
 def test_reference_on_cpu_is_silent(monkeypatch):
     monkeypatch.setattr(_registry, "backend_unavailable", lambda backend: [])
     monkeypatch.setenv("QBERT_STRICT", "1")
-    toy = _toy_op({"cuda": ["a"], "triton": ["b"], "cpu": ["c"]})
+    toy = _toy_op({"cpu": ["c"]})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert toy(torch.zeros(1)) == "reference"

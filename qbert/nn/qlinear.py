@@ -2,9 +2,9 @@
 
     y = x @ W.T + bias,   W ~= w_q * w_scale[:, None]   (w_q int8 [N, K], w_scale float32 [N])
 
-``w8a8`` quantizes x per token on the fly (``qbert.ops.quantize_per_token``) and runs the int8 GEMM with
-the dequantization and bias fused (``qbert.ops.int8_linear``); ``w8a16`` keeps x in floating point and
-runs ``qbert.ops.w8a16_linear``. Both return x's dtype. The backend is chosen by the op registry, never
+``w8a8`` quantizes x per token on the fly and runs the int8 GEMM with the dequantization and bias
+fused (``qbert.ops.w8a8_linear``: ``quantize_per_token`` then ``int8_linear``, in one op); ``w8a16`` keeps x
+in floating point and runs ``qbert.ops.w8a16_linear``. Both return x's dtype. The backend is chosen by the op registry, never
 by this module.
 """
 
@@ -16,14 +16,13 @@ import torch
 from torch import nn
 
 from qbert import ops
+from qbert.ops._checks import FLOAT_DTYPES
 from qbert.nn.formats import LinearFormat, linear_format
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _forward_w8a8(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
-    x_q, x_scale = ops.quantize_per_token(x)
-    return ops.int8_linear(x_q, x_scale, layer.w_q, layer.w_scale, layer.bias, out_dtype=x.dtype)
+    return ops.w8a8_linear(x, layer.w_q, layer.w_scale, layer.bias)
 
 
 def _forward_w8a16(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,7 @@ class QLinear(nn.Module):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"QLinear: in_features and out_features must be at least 1, "
                              f"got in_features={in_features}, out_features={out_features}")
-        if bias_dtype not in _FLOAT_DTYPES:
+        if bias_dtype not in FLOAT_DTYPES:
             raise TypeError(f"QLinear: bias_dtype must be float32, float16 or bfloat16, got {bias_dtype}")
         self.in_features = in_features
         self.out_features = out_features
@@ -81,7 +80,7 @@ class QLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
-        if weight.dtype not in _FLOAT_DTYPES:
+        if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"QLinear.from_linear: the weight must be float32, float16 or bfloat16, "
                             f"got {weight.dtype}")
         bias = linear.bias

@@ -43,3 +43,28 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
 def check_nonempty_k(op: str, name: str, t: torch.Tensor) -> None:
     if t.shape[-1] == 0:
         raise ValueError(f"{op}: the last dim (K) of {name} must be at least 1, got shape {list(t.shape)}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_linear(op: str, x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> None:
+    """Float activations x [..., K] against an int8 weight w_q [N, K] with per-channel f32 scales [N]."""
+    check_dtype(op, "x", x, *FLOAT_DTYPES)
+    check_ndim(op, "x", x, min_ndim=1)
+    check_dtype(op, "w_q", w_q, torch.int8)
+    check_ndim(op, "w_q", w_q, ndim=2)
+    check_nonempty_k(op, "x", x)
+    if x.shape[-1] != w_q.shape[1]:
+        raise ValueError(f"{op}: K mismatch: x is {shape_str(x, 'MK')}, w_q is {shape_str(w_q, 'NK')}")
+    check_dtype(op, "w_scale", w_scale, torch.float32)
+    n = w_q.shape[0]
+    if w_scale.shape != (n,):
+        raise ValueError(f"{op}: w_scale must have shape [N={n}], got {list(w_scale.shape)}")
+    if bias is not None:
+        check_dtype(op, "bias", bias, *FLOAT_DTYPES)
+        if bias.shape != (n,):
+            raise ValueError(f"{op}: bias must have shape [N={n}], got {list(bias.shape)}")
+    check_contiguous(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
+    check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)

@@ -114,18 +114,22 @@ def backend_unavailable(backend: str) -> list[str]:
     return list(_unavailable(backend))
 
 
-# ---- device rules shared by the rows ----------------------------------------------------------------
+# ---- device rules ----------------------------------------------------------------------------------
 
-def device_reasons(backend: str, *tensors: torch.Tensor | None) -> list[str]:
-    """Why ``backend`` cannot run on the devices of ``tensors``.
+def device_of(args: tuple, kwargs: dict) -> str:
+    """The device type of the first tensor argument (the op entry points check that all agree)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
+def device_reasons(backend: str, device: str) -> list[str]:
+    """Why ``backend`` cannot run on ``device`` tensors.
 
     cuda needs CUDA tensors; cpu needs CPU tensors; triton needs CUDA tensors, or CPU tensors when it is
     forced and ``TRITON_INTERPRET=1`` (the interpreter is for tests, never an automatic choice).
     """
-    devices = {t.device.type for t in tensors if t is not None}
-    if len(devices) > 1:
-        return [f"tensors are on different devices: {sorted(devices)}"]
-    device = devices.pop() if devices else "cpu"
     if backend == "cuda" and device != "cuda":
         return [f"tensors are on {device}, not cuda"]
     if backend == "cpu" and device != "cpu":
@@ -140,6 +144,10 @@ def device_reasons(backend: str, *tensors: torch.Tensor | None) -> list[str]:
 
 # ---- ops -------------------------------------------------------------------------------------------
 
+def _accepts_all(*args: Any, **kwargs: Any) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Row:
     backend: str
@@ -152,38 +160,43 @@ class Op:
     name: str
     rows: dict[str, Row] = field(default_factory=dict)
 
-    def register(self, backend: str, fn: Callable[..., Any], supports: Callable[..., list[str]]) -> None:
+    def register(self, backend: str, fn: Callable[..., Any],
+                 supports: Callable[..., list[str]] = _accepts_all) -> None:
+        """Add a backend row. ``supports`` states the op-specific limits of ``fn``; the registry itself
+        checks that the backend is available in this process and runs on the inputs' device."""
         _check_name(backend, f"{self.name}.register")
         if backend in self.rows:
             raise ValueError(f"{self.name}: backend {backend!r} is registered twice")
         self.rows[backend] = Row(backend, fn, supports)
 
+    def _reasons(self, backend: str, device: str, args: tuple, kwargs: dict) -> list[str]:
+        row = self.rows.get(backend)
+        if row is None:
+            return [f"{self.name} has no {backend} implementation"]
+        return backend_unavailable(backend) or device_reasons(backend, device) or row.supports(*args, **kwargs)
+
     def reasons(self, backend: str, *args: Any, **kwargs: Any) -> list[str]:
         """Why ``backend`` would refuse these inputs (empty if it would run them)."""
-        if backend not in self.rows:
-            return [f"{self.name} has no {backend} implementation"]
-        unavailable = backend_unavailable(backend)
-        if unavailable:
-            return unavailable
-        return self.rows[backend].supports(*args, **kwargs)
+        return self._reasons(backend, device_of(args, kwargs), args, kwargs)
 
     def select(self, *args: Any, **kwargs: Any) -> str:
         """The backend dispatch would run for these inputs."""
+        device = device_of(args, kwargs)
         forced = forced_backend()
         if forced is not None:
-            reasons = self.reasons(forced, *args, **kwargs)
+            reasons = self._reasons(forced, device, args, kwargs)
             if reasons:
                 raise BackendError(f"{self.name}: forced backend {forced!r} cannot run: " + "; ".join(reasons))
             return forced
         refused: dict[str, list[str]] = {}
         for backend in BACKENDS:
-            reasons = self.reasons(backend, *args, **kwargs)
+            reasons = self._reasons(backend, device, args, kwargs)
             if not reasons:
                 break
             refused[backend] = reasons
         else:
             raise BackendError(f"{self.name}: no backend can run these inputs: {refused}")
-        if backend == "reference" and _on_cuda(args, kwargs):
+        if backend == "reference" and device == "cuda":
             detail = "; ".join(f"{b}: {', '.join(r)}" for b, r in refused.items())
             message = f"{self.name} falls back to the PyTorch reference on CUDA tensors ({detail})"
             if strict():
@@ -193,10 +206,6 @@ class Op:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.rows[self.select(*args, **kwargs)].fn(*args, **kwargs)
-
-
-def _on_cuda(args: tuple, kwargs: dict) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
 
 
 OPS: dict[str, Op] = {}

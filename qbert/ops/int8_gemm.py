@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._registry import device_reasons, op
+from qbert.ops._registry import op
 from qbert.quant.int8 import INT8_GEMM_MAX_K
 
 NAME = "int8_gemm"
@@ -67,13 +67,6 @@ def _triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return int8_gemm_triton(a, b)
 
 
-def _supports(backend: str):
-    def supports(a: torch.Tensor, b: torch.Tensor) -> list[str]:
-        return device_reasons(backend, a, b)
-
-    return supports
-
-
-_OP.register("reference", int8_gemm_reference, lambda a, b: [])
-_OP.register("cpu", _cpu, _supports("cpu"))
-_OP.register("triton", _triton, _supports("triton"))
+_OP.register("reference", int8_gemm_reference)
+_OP.register("cpu", _cpu)
+_OP.register("triton", _triton)

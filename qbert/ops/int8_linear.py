@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._registry import device_reasons, op
+from qbert.ops._registry import op
 from qbert.ops.int8_gemm import check_operands, int8_gemm_reference
 
 NAME = "int8_linear"
-OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = op(NAME)
 
 
@@ -34,10 +33,10 @@ def _check(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> None:
     if w_scale.shape != (n,):
         raise ValueError(f"{NAME}: w_scale must have shape [N={n}], got {list(w_scale.shape)}")
     if bias is not None:
-        _checks.check_dtype(NAME, "bias", bias, *OUT_DTYPES)
+        _checks.check_dtype(NAME, "bias", bias, *_checks.FLOAT_DTYPES)
         if bias.shape != (n,):
             raise ValueError(f"{NAME}: bias must have shape [N={n}], got {list(bias.shape)}")
-    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"{NAME}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     _checks.check_contiguous(NAME, x_scale=x_scale, w_scale=w_scale, bias=bias)
     _checks.check_same_device(NAME, x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale, bias=bias)
@@ -76,13 +75,6 @@ def _triton(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 
-def _supports(backend: str):
-    def supports(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> list[str]:
-        return device_reasons(backend, x_q, x_scale, w_q, w_scale, bias)
-
-    return supports
-
-
-_OP.register("reference", int8_linear_reference, lambda *args: [])
-_OP.register("cpu", _cpu, _supports("cpu"))
-_OP.register("triton", _triton, _supports("triton"))
+_OP.register("reference", int8_linear_reference)
+_OP.register("cpu", _cpu)
+_OP.register("triton", _triton)

@@ -13,16 +13,15 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._registry import device_reasons, op
+from qbert.ops._registry import op
 from qbert.quant.int8 import INT8_QMAX
 
 NAME = "quantize_per_token"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = op(NAME)
 
 
 def _check(x: torch.Tensor) -> None:
-    _checks.check_dtype(NAME, "x", x, *FLOAT_DTYPES)
+    _checks.check_dtype(NAME, "x", x, *_checks.FLOAT_DTYPES)
     _checks.check_ndim(NAME, "x", x, min_ndim=1)
     _checks.check_nonempty_k(NAME, "x", x)
     _checks.check_contiguous(NAME, x=x)
@@ -60,13 +59,6 @@ def _triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token_triton(x)
 
 
-def _supports(backend: str):
-    def supports(x: torch.Tensor) -> list[str]:
-        return device_reasons(backend, x)
-
-    return supports
-
-
-_OP.register("reference", quantize_per_token_reference, lambda x: [])
-_OP.register("cpu", _cpu, _supports("cpu"))
-_OP.register("triton", _triton, _supports("triton"))
+_OP.register("reference", quantize_per_token_reference)
+_OP.register("cpu", _cpu)
+_OP.register("triton", _triton)

@@ -13,32 +13,14 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._registry import device_reasons, op, triton_interpreter
+from qbert.ops._registry import op, triton_interpreter
 
 NAME = "w8a16_linear"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = op(NAME)
 
 
 def _check(x, w_q, w_scale, bias) -> None:
-    _checks.check_dtype(NAME, "x", x, *FLOAT_DTYPES)
-    _checks.check_ndim(NAME, "x", x, min_ndim=1)
-    _checks.check_dtype(NAME, "w_q", w_q, torch.int8)
-    _checks.check_ndim(NAME, "w_q", w_q, ndim=2)
-    _checks.check_nonempty_k(NAME, "x", x)
-    if x.shape[-1] != w_q.shape[1]:
-        raise ValueError(f"{NAME}: K mismatch: x is {_checks.shape_str(x, 'MK')}, "
-                         f"w_q is {_checks.shape_str(w_q, 'NK')}")
-    _checks.check_dtype(NAME, "w_scale", w_scale, torch.float32)
-    n = w_q.shape[0]
-    if w_scale.shape != (n,):
-        raise ValueError(f"{NAME}: w_scale must have shape [N={n}], got {list(w_scale.shape)}")
-    if bias is not None:
-        _checks.check_dtype(NAME, "bias", bias, *FLOAT_DTYPES)
-        if bias.shape != (n,):
-            raise ValueError(f"{NAME}: bias must have shape [N={n}], got {list(bias.shape)}")
-    _checks.check_contiguous(NAME, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    _checks.check_same_device(NAME, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
+    _checks.check_float_linear(NAME, x, w_q, w_scale, bias)
 
 
 @torch.library.custom_op("qbert::w8a16_linear", mutates_args=())
@@ -70,11 +52,10 @@ def _triton(x, w_q, w_scale, bias):
 
 
 def _triton_supports(x, w_q, w_scale, bias) -> list[str]:
-    reasons = device_reasons("triton", x, w_q, w_scale, bias)
     if x.device.type == "cpu" and triton_interpreter() and x.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter computes bf16 tl.dot wrongly")
-    return reasons
+        return ["the Triton interpreter computes bf16 tl.dot wrongly"]
+    return []
 
 
-_OP.register("reference", w8a16_linear_reference, lambda *args: [])
+_OP.register("reference", w8a16_linear_reference)
 _OP.register("triton", _triton, _triton_supports)
