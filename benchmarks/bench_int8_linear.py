@@ -1,7 +1,7 @@
 """Benchmark the W8A8 linear layer on BERT shapes against fp32/fp16 F.linear, torch._int_mm and torch.ao.
 
 Rows per case (shape x M), all measured in the same run on the same inputs:
-  qbert w8a8 [backend]         quantize_per_token(x) + int8_linear: the whole layer from float activations
+  qbert w8a8 [backend]         w8a8_linear (quantize_per_token + int8_linear): the layer from float activations
   qbert int8_linear [backend]  int8_linear alone, from activations already quantized (the fused GEMM)
   fp32 F.linear (CPU) / fp16 F.linear (cuBLAS, CUDA)         baseline
   _int_mm+dequant              torch._int_mm on the same int8 codes, then a separate float dequant + bias
@@ -24,7 +24,7 @@ from qbert.benchmarks import _harness as H
 from qbert.benchmarks.shapes import LINEAR_SHAPES, M_VALUES, SMOKE_M_VALUES, SMOKE_SHAPES, LinearShape
 from tqdm import tqdm
 
-from qbert.ops import BACKENDS, OPS, int8_linear, quantize_per_token, use_backend
+from qbert.ops import BACKENDS, OPS, int8_linear, use_backend, w8a8_linear
 from qbert.ops.int8_linear import int8_linear_reference
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 
@@ -66,8 +66,7 @@ def make_copy(shape: LinearShape, m: int, device: torch.device, gen: torch.Gener
 # ---- the implementations ---------------------------------------------------------------------------
 
 def qbert_w8a8(c: Copy) -> torch.Tensor:
-    x_q, x_scale = quantize_per_token(c.x)
-    return int8_linear(x_q, x_scale, c.w_q, c.w_scale, c.bias, c.x.dtype)
+    return w8a8_linear(c.x, c.w_q, c.w_scale, c.bias)
 
 
 def qbert_int8_linear(c: Copy) -> torch.Tensor:
@@ -89,10 +88,9 @@ def w8a8_expected(c: Copy) -> torch.Tensor:
 
 
 def qbert_reasons(backend: str, c: Copy, full_layer: bool) -> list[str]:
-    reasons = OPS["int8_linear"].reasons(backend, c.x_q, c.x_scale, c.w_q, c.w_scale, c.bias, c.x.dtype)
     if full_layer:
-        reasons += [r for r in OPS["quantize_per_token"].reasons(backend, c.x) if r not in reasons]
-    return reasons
+        return OPS["w8a8_linear"].reasons(backend, c.x, c.w_q, c.w_scale, c.bias)
+    return OPS["int8_linear"].reasons(backend, c.x_q, c.x_scale, c.w_q, c.w_scale, c.bias, c.x.dtype)
 
 
 # ---- one case -------------------------------------------------------------------------------------
