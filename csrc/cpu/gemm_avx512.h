@@ -139,7 +139,10 @@ QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], con
       QBERT_NO_CONTRACT(y);
       if constexpr (HAS_BIAS) y = _mm512_add_ps(y, bias[v]);
       if constexpr (OUT == OutKind::kF32) {
-        _mm512_storeu_ps(static_cast<float*>(e.out) + o + v * kLanes, y);
+        if (e.stream)
+          _mm512_stream_ps(static_cast<float*>(e.out) + o + v * kLanes, y);
+        else
+          _mm512_storeu_ps(static_cast<float*>(e.out) + o + v * kLanes, y);
       } else if constexpr (OUT == OutKind::kF16) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(e.out) + o + v * kLanes),
                             _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

@@ -28,6 +28,8 @@ struct Epilogue {
   void* out = nullptr;               // [M, ldo] of out_kind
   OutKind out_kind = OutKind::kI32;
   int64_t ldo = 0;
+  bool stream = false;               // f32, AVX-512 full-width tiles only: non-temporal stores; the
+                                     // driver sets it only when out and each row are 64-byte aligned
 };
 
 // An empty asm that claims to rewrite v: the compiler can no longer fuse the multiply before it with

@@ -97,3 +97,13 @@ def test_errors(args, error, match):
 def test_out_dtype_error():
     with pytest.raises(TypeError, match="out_dtype must be float32, float16 or bfloat16"):
         int8_linear(*_operands(7, 13, 64, "cpu", None), out_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("m,n,k", [(1024, 768, 64), (1000, 3088, 71)], ids=lambda v: str(v))
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32], ids=["nobias", "bias"])
+def test_large_float32_output_default_backend(m, n, k, bias_dtype):
+    # Outputs of several MiB take the cpu backend's streaming-store path (the ragged second case ends in a
+    # partial panel). Tier: same math in float, as above.
+    x_q, x_scale, w_q, w_scale, bias = _operands(m, n, k, "cpu", bias_dtype)
+    out = int8_linear(x_q, x_scale, w_q, w_scale, bias)
+    torch.testing.assert_close(out, int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, torch.float32))
