@@ -10,5 +10,15 @@ from qbert.ops import BackendError, FallbackWarning, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "FallbackWarning", "QLinear", "QuantizedFileError", "load_quantized", "ops",
-           "quantize", "save_quantized", "use_backend", "__version__"]
+__all__ = [
+           "BackendError",
+           "FallbackWarning",
+           "QLinear",
+           "QuantizedFileError",
+           "__version__",
+           "load_quantized",
+           "ops",
+           "quantize",
+           "save_quantized",
+           "use_backend",
+]

@@ -30,7 +30,7 @@ import tempfile
 
 import safetensors
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from qbert.nn.qlinear import QLinear
@@ -146,6 +146,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     _check_tensors(path, model)
     try:
         load_model(model, path, strict=True)
+    except safetensors.SafetensorError as exc:
+        raise QuantizedFileError(f"load_quantized: {path}: the tensor data cannot be read: {exc}") from exc
     except RuntimeError as exc:
         raise QuantizedFileError(f"load_quantized: {path}: the tensors do not match the model rebuilt "
                                  f"from the file's metadata: {exc}") from exc
@@ -228,18 +230,26 @@ def _place_qlinear(path: str, model: nn.Module, entry: dict) -> None:
         setattr(model.get_submodule(parent_name), attr, qlinear)
 
 
+# safetensors' dtype names for the dtypes a quantized model holds (codes, scales, float tensors).
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F32": torch.float32,
+                       "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def _check_tensors(path: str, model: nn.Module) -> None:
-    """Every tensor in the file has the shape and dtype of the model's tensor of that name."""
-    try:
-        tensors = load_file(path)
-    except safetensors.SafetensorError as exc:
-        raise QuantizedFileError(f"load_quantized: {path}: the tensor data cannot be read: {exc}") from exc
+    """Every tensor in the file has the shape and dtype of the model's tensor of that name.
+
+    Reads only the file's header (shapes and dtypes); the data is read once, by ``load_model``.
+    """
     expected = model.state_dict()
-    for key, tensor in tensors.items():
-        want = expected.get(key)
-        if want is None:
-            continue  # reported by the strict load with every other missing / unexpected name
-        if want.shape != tensor.shape or want.dtype != tensor.dtype:
-            raise QuantizedFileError(f"load_quantized: {path}: tensor {key!r} is {list(tensor.shape)} "
-                                     f"{tensor.dtype} in the file, but the model rebuilt from the metadata "
-                                     f"expects {list(want.shape)} {want.dtype}")
+    with safetensors.safe_open(path, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            want = expected.get(key)
+            if want is None:
+                continue  # reported by the strict load with every other missing / unexpected name
+            header = f.get_slice(key)
+            shape, dtype_name = list(header.get_shape()), header.get_dtype()
+            dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
+            if list(want.shape) != shape or want.dtype != dtype:
+                raise QuantizedFileError(f"load_quantized: {path}: tensor {key!r} is {shape} {dtype} in the "
+                                         f"file, but the model rebuilt from the metadata expects "
+                                         f"{list(want.shape)} {want.dtype}")

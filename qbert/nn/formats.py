@@ -46,10 +46,8 @@ class LinearFormat:
     activation_bits: int | None
 
     def weight_shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the weight buffers (``w_q``, ``w_scale``) of an [N=out_features, K=in_features] layer."""
-        if self.weight_bits != _INT8_BITS or self.weight_group_size is not None:
-            raise NotImplementedError(f"format {self.name!r}: only unpacked int8 per-channel weights are "
-                                      f"implemented (weight_bits=8, weight_group_size=None)")
+        """Shapes of the weight buffers (``w_q``, ``w_scale``) of an [N=out_features, K=in_features] layer:
+        one int8 code per weight, one scale per output channel (the layout of every format in FORMATS)."""
         return {"w_q": (out_features, in_features), "w_scale": (out_features,)}
 
 

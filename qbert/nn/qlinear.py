@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from qbert import ops
+from qbert.nn.formats import linear_format
 from qbert.ops._checks import FLOAT_DTYPES
-from qbert.nn.formats import LinearFormat, linear_format
-
 
 
 def _forward_w8a8(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
@@ -36,9 +35,8 @@ FORWARDS: dict[str, Callable[[QLinear, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def quantize_weight(weight: torch.Tensor, fmt: LinearFormat) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w_q int8 [N, K], w_scale float32 [N])``: symmetric int8 codes, one scale per output channel."""
-    fmt.weight_shapes(*weight.shape)  # refuses formats whose weight layout is not implemented
     return ops.quantize_per_token(weight.detach().contiguous())
 
 
@@ -87,7 +85,7 @@ class QLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, bias=bias is not None, mode=mode,
                     bias_dtype=bias.dtype if bias is not None else torch.float32, device=weight.device)
         with torch.no_grad():
-            w_q, w_scale = quantize_weight(weight, layer.format)
+            w_q, w_scale = quantize_weight(weight)
             layer.w_q.copy_(w_q)
             layer.w_scale.copy_(w_scale)
             if bias is not None:

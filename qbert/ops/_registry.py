@@ -15,8 +15,9 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
