@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from qbert.quant.int8 import INT8_QMAX
+from qbert.quant.packing import BYTES_PER_WORD, PACK_CHUNK, WORD_BITS, byte_mask, slices
 
 # Triton decides between compiling and interpreting when a kernel is decorated, i.e. at import time, and
 # so do we: the same switch picks autotuning (GPU) or one fixed config (interpreter).
@@ -176,3 +177,107 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+# ---- low-bit weight codes (the layout is stated once, in qbert.quant.packing) -----------------------
+# A chunk of 32 codes is read as 8 "quads" of four consecutive codes, one code per byte of a 32-bit word:
+# one shift and one byte mask of a slice word give a quad (packing.py's byte-sliced rule), and a 3-bit
+# quad is the byte-wise OR of its 2-bit and 1-bit slices' quads.
+_CHUNK = tl.constexpr(PACK_CHUNK)                             # codes per chunk
+_QUADS = tl.constexpr(PACK_CHUNK // BYTES_PER_WORD)           # quads per chunk
+_LANES = tl.constexpr(BYTES_PER_WORD)                         # codes per quad
+_BYTE_BITS = tl.constexpr(WORD_BITS // BYTES_PER_WORD)
+_ONES_PER_BYTE = tl.constexpr(byte_mask(1))                   # 0x01010101: a byte mask is width-ones times it
+_W3_SLICES = slices(3)  # ((2, 0), (1, 2)): code bits 0-1 in words 0-1 of a chunk, bit 2 in word 2
+_W3_LOW_WIDTH = tl.constexpr(_W3_SLICES[0][0])
+_W3_HIGH_WIDTH = tl.constexpr(_W3_SLICES[1][0])
+_W3_HIGH_SHIFT = tl.constexpr(_W3_SLICES[1][1])
+
+
+@triton.jit
+def _slice_quads(w_ptr, offs_n, chunk0, n_chunks, N, BITS: tl.constexpr, CHUNKS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, FIRST_WORD: tl.constexpr, MASKED: tl.constexpr):
+    """Quads [CHUNKS, 8, BLOCK_N] (int32, 4 codes of WIDTH bits in its bytes) of one slice of the chunks
+    chunk0 .. chunk0 + CHUNKS - 1 of columns offs_n; chunks >= n_chunks read as zeros when MASKED."""
+    chunk = chunk0 + tl.arange(0, CHUNKS)                                         # [CHUNKS]
+    rows = chunk[:, None] * BITS + FIRST_WORD + tl.arange(0, WIDTH)[None, :]      # [CHUNKS, WIDTH]
+    # Each row is N contiguous words: a warp reads neighbouring columns (coalesced).
+    ptrs = w_ptr + rows[:, :, None] * N + offs_n[None, None, :]                   # [CHUNKS, WIDTH, BLOCK_N]
+    if MASKED:
+        words = tl.load(ptrs, mask=(chunk < n_chunks)[:, None, None], other=0)
+    else:
+        words = tl.load(ptrs)
+    # Quad i of a word sits at bit WIDTH * i of each byte.
+    shifts = WIDTH * tl.arange(0, _BYTE_BITS // WIDTH)                           # [8 / WIDTH]
+    quads = words[:, :, None, :] >> shifts[None, None, :, None]                  # [CHUNKS, WIDTH, 8/WIDTH, BLOCK_N]
+    if WIDTH < _BYTE_BITS:
+        # The shift is arithmetic (int32), but its sign bits land above every byte's WIDTH kept bits; an
+        # 8-bit slice is whole bytes and needs no mask (its 0xFFFFFFFF would not fit an int32 either).
+        quads = quads & ((2**WIDTH - 1) * _ONES_PER_BYTE)
+    return tl.reshape(quads, (CHUNKS, _QUADS, BLOCK_N))                            # quad q = word * 8/WIDTH + i
+
+
+@triton.jit
+def load_lowbit_codes(w_ptr, offs_n, chunk0, n_chunks, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Unsigned codes u int32 [BLOCK_K, BLOCK_N] of K rows chunk0 * 32 .. + BLOCK_K, columns offs_n.
+
+    w_ptr: w_packed int32 [n_chunks * BITS, N] (qbert.quant.packing); BLOCK_K a multiple of 32; offs_n
+    valid columns. Only the packed words are read (BITS / 8 bytes per code): the codes exist in registers.
+    Offsets are int32: w_packed must hold fewer than 2**31 words (8 GiB).
+    """
+    CHUNKS: tl.constexpr = BLOCK_K // _CHUNK
+    if BITS == 3:
+        low = _slice_quads(w_ptr, offs_n, chunk0, n_chunks, N, BITS, CHUNKS, BLOCK_N, _W3_LOW_WIDTH, 0, MASKED)
+        high = _slice_quads(w_ptr, offs_n, chunk0, n_chunks, N, BITS, CHUNKS, BLOCK_N, _W3_HIGH_WIDTH,
+                            _W3_LOW_WIDTH, MASKED)
+        quads = low | (high << _W3_HIGH_SHIFT)                                    # byte-wise: no carries
+    else:
+        quads = _slice_quads(w_ptr, offs_n, chunk0, n_chunks, N, BITS, CHUNKS, BLOCK_N, BITS, 0, MASKED)
+    lanes = _BYTE_BITS * tl.arange(0, _LANES)                                     # [4]
+    codes = (quads[:, :, None, :] >> lanes[None, None, :, None]) & (2**BITS - 1)  # [CHUNKS, 8, 4, BLOCK_N]
+    return tl.reshape(codes, (BLOCK_K, BLOCK_N))                                  # K row = chunk*32 + quad*4 + lane
+
+
+# ---- low-bit GEMM configs (kernels/lowbit_linear.py) ------------------------------------------------
+# BLOCK_K counts codes and must be a multiple of the 32-code chunk; the launcher shrinks it to
+# gcd(BLOCK_K, group_size) so that a K tile never spans two K groups (group_size 32 runs BLOCK_K = 32).
+# Shared memory per stage = x tile + packed words (BLOCK_K * BITS / 8 bytes a column), plus one staging
+# buffer of the unpacked operand for the dot; tests/kernels/test_lowbit_aot.py compiles every config.
+#
+# Few tokens (BLOCK_M = 16, the smallest mma M): the GEMM streams the weight, BITS / 16 of the bytes of an
+# f16 one, so the tiles are built for bytes in flight, not for math: long K tiles (256 codes of 4 bits
+# are 128 B per column per stage) and 4-5 stages keep each SM's loads queued, and BLOCK_N 64-128 with
+# split-K (below) gives every SM a CTA even when N is only 1024 (BERT-large).
+# Many tokens: the usual tensor-core tiles (BLOCK_M % 64 == 0 and whole warpgroups for wgmma on sm_90);
+# unpacking a [BLOCK_K, BLOCK_N] tile is amortized over BLOCK_M rows. No 128 x 256 / 256 x 128 tiles: the
+# unpacked codes need registers beside the accumulator, and ptxas spills there (test_lowbit_aot checks).
+LOWBIT_A16_CONFIGS: tuple[triton.Config, ...] = (
+    _config(16, 64, 256, _GROUP_M, 4, 4),    # M <= 16: the weight stream; 4 KiB of 4-bit codes a stage
+    _config(16, 128, 128, _GROUP_M, 4, 4),
+    _config(16, 64, 128, _GROUP_M, 5, 4),
+    _config(32, 64, 128, _GROUP_M, 4, 4),
+    _config(64, 128, 64, _GROUP_M, 4, 4),    # 64 codes = 128 B of an f16 x row per stage
+    _config(128, 128, 64, _GROUP_M, 3, 8),   # large M and N: BERT FFN
+    _config(128, 64, 64, _GROUP_M, 4, 4),
+)
+
+# W4A8: int8 x and int8-widened codes, so BLOCK_K = 128 bytes of x per row (four k32 mma steps) and,
+# for the common group_size 128, exactly one K group per tile: the int32 tile sum is scaled into the
+# float accumulator once per group.
+LOWBIT_A8_CONFIGS: tuple[triton.Config, ...] = (
+    _config(128, 128, 128, _GROUP_M, 4, 8),  # M >= 4096: the int8 tensor cores' regime
+    _config(64, 128, 128, _GROUP_M, 4, 4),
+    _config(128, 64, 128, _GROUP_M, 4, 4),
+    _config(32, 64, 128, _GROUP_M, 4, 4),
+    _config(16, 64, 256, _GROUP_M, 4, 4),    # few tokens: as the A16 list
+)
+
+# Split-K for few tokens: with M <= SPLIT_K_MAX_M there is one row tile, so only N / BLOCK_N CTAs stream
+# the weight (16 for N = 1024); splitting K over up to SPLIT_K_MAX programs per tile fills the SMs. Each
+# split keeps at least SPLIT_K_MIN_K codes of K (two 128-code tiles), so the float32 partials it writes
+# (and the launcher sums) stay small next to the weight bytes it reads.
+SPLIT_K_MAX_M = 16
+SPLIT_K_BLOCK_N = 64      # the few-token configs' usual BLOCK_N, to count tiles before autotuning
+SPLIT_K_MAX = 8
+SPLIT_K_MIN_K = 256

@@ -4,6 +4,7 @@
 """
 
 from qbert import ops
+from qbert.allocate.plan import Plan
 from qbert.io import QuantizedFileError, load_quantized, save_quantized
 from qbert.nn import QLinear, quantize
 from qbert.ops import BackendError, FallbackWarning, use_backend
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
            "BackendError",
            "FallbackWarning",
+           "Plan",
            "QLinear",
            "QuantizedFileError",
            "__version__",

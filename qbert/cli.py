@@ -2,7 +2,7 @@
 
     qbert info                                   versions, build, CUDA device, op x backend table
     qbert demo [--threads N] [--repeats R]       quantize all-MiniLM-L6-v2 to W8A8: size, speed, fidelity
-    qbert bench [int8_linear|e2e|all] [--smoke] [--out DIR] [--threads N]
+    qbert bench [SUITE|all] [--smoke] [--out DIR] [--threads N]   suites: qbert.benchmarks.SUITES
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import platform
 import sys
 
 PACKAGES = ("torch", "triton", "transformers")
-SUITES = ("int8_linear", "e2e")
 
 
 def _version(name: str) -> str:
@@ -91,11 +90,10 @@ def info_text() -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from qbert.benchmarks import bench_e2e, bench_int8_linear
+    from qbert.benchmarks import SUITES, suite_module
 
-    modules = {"int8_linear": bench_int8_linear, "e2e": bench_e2e}
     for suite in SUITES if args.suite == "all" else (args.suite,):
-        output = modules[suite].run(args.smoke, args.out, args.threads)
+        output = suite_module(suite).run(args.smoke, args.out, args.threads)
         print(output.markdown)
         print("written: " + ", ".join(str(p) for p in output.paths.values()) + "\n")
     return 0
@@ -115,6 +113,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from qbert import demo
+    from qbert.benchmarks import SUITES
     from qbert.benchmarks import _harness as H
 
     parser = argparse.ArgumentParser(prog="qbert", description="qbert: int8 kernels for BERT-family encoders")

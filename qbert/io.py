@@ -7,13 +7,16 @@ File layout: the tensors of ``model.state_dict()`` (shared tensors stored once, 
 key                        value
 =========================  ===================================================================
 ``qbert.format``           ``"qbert.quantized"``
-``qbert.format_version``   ``"1"`` (``FORMAT_VERSION``; a reader refuses versions it does not know)
+``qbert.format_version``   ``"2"`` (``FORMAT_VERSION``; version 1 files, int8 layers only, still load;
+                           a reader refuses versions it does not know)
 ``qbert.model_class``      the transformers class name, e.g. ``"BertForMaskedLM"``
 ``qbert.config``           the model config as JSON (``config.to_json_string(use_diff=False)``)
 ``qbert.float_dtype``      the dtype of the float tensors, e.g. ``"float32"``
-``qbert.layers``           JSON list, one entry per QLinear: ``{"names": [...], "mode": "w8a8",
-                           "in_features": K, "out_features": N, "bias": true,
-                           "bias_dtype": "float32" | null}`` (a shared layer lists all its names)
+``qbert.layers``           JSON list, one entry per QLinear: ``{"names": [...], "mode": "w4a16",
+                           "format": LinearFormat.to_dict() (bits, symmetric, group_size,
+                           row_groups), "in_features": K, "out_features": N, "bias": true,
+                           "bias_dtype": "float32" | null}`` (a shared layer lists all its names;
+                           version 1 entries have no "format": their mode is an int8 mode)
 ``qbert.version``          the qbert version that wrote the file (informational)
 =========================  ===================================================================
 
@@ -33,11 +36,13 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from qbert.nn.formats import INT8_MODES, LinearFormat
 from qbert.nn.qlinear import QLinear
 from qbert.ops._checks import FLOAT_DTYPES
 
 FORMAT_NAME = "qbert.quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 KEY_FORMAT = "qbert.format"
 KEY_FORMAT_VERSION = "qbert.format_version"
@@ -122,6 +127,7 @@ def _layer_entries(model: nn.Module) -> list[dict]:
         entries[id(module)] = {
             "names": [name],
             "mode": module.mode,
+            "format": module.format.to_dict(),
             "in_features": module.in_features,
             "out_features": module.out_features,
             "bias": module.bias is not None,
@@ -167,9 +173,9 @@ def _read_metadata(path: str) -> dict[str, str]:
     if version is None:
         raise QuantizedFileError(f"load_quantized: {path} has no format version (metadata "
                                  f"{KEY_FORMAT_VERSION!r}); this qbert reads version {FORMAT_VERSION}")
-    if version != str(FORMAT_VERSION):
+    if version not in {str(v) for v in READABLE_VERSIONS}:
         raise QuantizedFileError(f"load_quantized: {path} has format version {version!r}; "
-                                 f"this qbert reads version {FORMAT_VERSION}")
+                                 f"this qbert reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     missing = [k for k in (KEY_MODEL_CLASS, KEY_CONFIG, KEY_FLOAT_DTYPE, KEY_LAYERS) if k not in metadata]
     if missing:
         raise QuantizedFileError(f"load_quantized: {path} lacks the metadata {missing}")
@@ -205,11 +211,14 @@ def _place_qlinear(path: str, model: nn.Module, entry: dict) -> None:
     try:
         names = entry["names"]
         in_features, out_features = entry["in_features"], entry["out_features"]
-        has_bias, mode = entry["bias"], entry["mode"]
+        has_bias = entry["bias"]
         bias_dtype = _FLOAT_DTYPES[entry["bias_dtype"]] if has_bias else torch.float32
+        mode = _entry_format(entry)
     except (KeyError, TypeError) as exc:
         raise QuantizedFileError(f"load_quantized: {path}: malformed layer entry {entry!r} in metadata "
                                  f"{KEY_LAYERS!r}") from exc
+    except ValueError as exc:
+        raise QuantizedFileError(f"load_quantized: {path}: layer {entry.get('names')!r}: {exc}") from exc
     for name in names:
         try:
             module = model.get_submodule(name)
@@ -230,8 +239,21 @@ def _place_qlinear(path: str, model: nn.Module, entry: dict) -> None:
         setattr(model.get_submodule(parent_name), attr, qlinear)
 
 
+def _entry_format(entry: dict) -> LinearFormat | str:
+    """The format of a layer entry: its "format" dict, or (version 1) an int8 mode name."""
+    if "format" in entry:
+        fmt = LinearFormat.from_dict(entry["format"])
+        if fmt.name != entry["mode"]:
+            raise ValueError(f"mode {entry['mode']!r} contradicts the format {fmt.describe()!r}")
+        return fmt
+    if entry["mode"] not in INT8_MODES:
+        raise ValueError(f"mode {entry['mode']!r} needs a 'format' entry (version 1 files hold only "
+                         f"{', '.join(INT8_MODES)})")
+    return entry["mode"]
+
+
 # safetensors' dtype names for the dtypes a quantized model holds (codes, scales, float tensors).
-_SAFETENSORS_DTYPES = {"I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F32": torch.float32,
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F32": torch.float32,
                        "F16": torch.float16, "BF16": torch.bfloat16}
 
 

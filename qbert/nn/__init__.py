@@ -1,7 +1,9 @@
-"""Quantized modules: ``QLinear`` (int8 weights; formats in ``qbert.nn.formats``) and ``quantize``."""
+"""Quantized modules: ``QLinear`` (formats in ``qbert.nn.formats``), ``quantize`` and size accounting."""
 
 from qbert.nn.formats import FORMATS, LinearFormat, linear_format
 from qbert.nn.qlinear import QLinear
 from qbert.nn.quantize import QuantizeSummary, quantize
+from qbert.nn.size import LayerBytes, linear_bytes
 
-__all__ = ["FORMATS", "LinearFormat", "QLinear", "QuantizeSummary", "linear_format", "quantize"]
+__all__ = ["FORMATS", "LayerBytes", "LinearFormat", "QLinear", "QuantizeSummary", "linear_bytes", "linear_format",
+           "quantize"]

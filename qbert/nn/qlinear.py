@@ -1,38 +1,38 @@
-"""QLinear: a drop-in replacement for ``nn.Linear`` with int8 weights (formats in ``qbert/nn/formats.py``).
+"""QLinear: a drop-in replacement for ``nn.Linear`` with quantized weights (formats in ``qbert/nn/formats.py``).
 
-    y = x @ W.T + bias,   W ~= w_q * w_scale[:, None]   (w_q int8 [N, K], w_scale float32 [N])
+    y = x @ W.T + bias
 
-``w8a8`` quantizes x per token on the fly and runs the int8 GEMM with the dequantization and bias
-fused (``qbert.ops.w8a8_linear``: ``quantize_per_token`` then ``int8_linear``, in one op); ``w8a16`` keeps x
-in floating point and runs ``qbert.ops.w8a16_linear``. Both return x's dtype. The backend is chosen by the op registry, never
-by this module.
+int8 formats store ``w_q`` int8 [N, K] and ``w_scale`` float32 [N] (``W ~= w_q * w_scale[:, None]``):
+``w8a8`` quantizes x per token on the fly and runs the int8 GEMM with the dequantization and bias fused
+(``qbert.ops.w8a8_linear``); ``w8a16`` keeps x in floating point (``qbert.ops.w8a16_linear``).
+Packed formats store ``w_packed``, ``w_scale`` and (asymmetric) ``w_zero`` as stated in
+``qbert.quant.lowbit``: ``a16`` formats run ``qbert.ops.lowbit_linear``, ``a8`` formats
+``qbert.ops.w4a8_linear``. Every forward returns x's dtype. The backend is chosen by the op registry,
+never by this module.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from qbert import ops
-from qbert.nn.formats import linear_format
+from qbert.nn.formats import LinearFormat, linear_format
 from qbert.ops._checks import FLOAT_DTYPES
+from qbert.quant.lowbit import dequantize_lowbit, expand_rows, quantize_lowbit
+from qbert.quant.packing import pack, unpack
 
 
-def _forward_w8a8(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
-    return ops.w8a8_linear(x, layer.w_q, layer.w_scale, layer.bias)
+def _forward_int8(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
+    op = ops.w8a16_linear if layer.format.activation_bits is None else ops.w8a8_linear
+    return op(x, layer.w_q, layer.w_scale, layer.bias)
 
 
-def _forward_w8a16(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
-    return ops.w8a16_linear(x, layer.w_q, layer.w_scale, layer.bias)
-
-
-# One forward per format in qbert.nn.formats.FORMATS (tests/nn/test_qlinear.py checks they match).
-FORWARDS: dict[str, Callable[[QLinear, torch.Tensor], torch.Tensor]] = {
-    "w8a8": _forward_w8a8,
-    "w8a16": _forward_w8a16,
-}
+def _forward_packed(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
+    op = ops.lowbit_linear if layer.format.activation_bits is None else ops.w4a8_linear
+    scales, zeros = layer.kernel_scales()
+    return op(x, layer.w_packed, scales, zeros, layer.format.weight_bits,
+              layer.format.scheme.kernel_group_size(layer.in_features), layer.bias)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,19 +40,26 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ops.quantize_per_token(weight.detach().contiguous())
 
 
-class QLinear(nn.Module):
-    """``nn.Linear`` with int8 weights; ``mode`` names the format (``"w8a8"`` or ``"w8a16"``).
+_INT8_DTYPES = {"w_q": torch.int8, "w_scale": torch.float32}
+_PACKED_DTYPES = {"w_packed": torch.int32, "w_scale": torch.float32, "w_zero": torch.uint8}
 
-    Buffers: ``w_q`` int8 [out_features, in_features], ``w_scale`` float32 [out_features], ``bias``
-    [out_features] in the dtype of the float layer's bias, or None. Build one with
-    ``QLinear.from_linear(linear, mode)``; the constructor makes an empty layer of the right shapes
-    (zeros), ready for ``load_state_dict``.
+
+class QLinear(nn.Module):
+    """``nn.Linear`` with quantized weights; ``mode`` names the format (``qbert.nn.formats``): a mode
+    string (``"w8a8"``, ``"w4a16"``, ...) or a ``LinearFormat`` (``linear_format("w3a16", row_groups=12)``).
+
+    Buffers (``LinearFormat.weight_shapes``): int8 formats ``w_q`` int8 [N, K] and ``w_scale`` float32
+    [N]; packed formats ``w_packed`` int32 [ceil(K/32)*bits, N], ``w_scale`` float32 [K groups, row groups]
+    and, when asymmetric, ``w_zero`` uint8 of the same shape; ``bias`` [N] in the dtype of the float
+    layer's bias, or None. Build one with ``QLinear.from_linear(linear, mode)``; the constructor makes an
+    empty layer of the right shapes, ready for ``load_state_dict``.
 
     forward: x [..., in_features] float32 / float16 / bfloat16 -> [..., out_features] in x.dtype.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8", *,
-                 bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 mode: str | LinearFormat = "w8a8", *, bias_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.format = linear_format(mode)
         if in_features < 1 or out_features < 1:
@@ -62,9 +69,10 @@ class QLinear(nn.Module):
             raise TypeError(f"QLinear: bias_dtype must be float32, float16 or bfloat16, got {bias_dtype}")
         self.in_features = in_features
         self.out_features = out_features
-        shapes = self.format.weight_shapes(out_features, in_features)
-        self.register_buffer("w_q", torch.zeros(shapes["w_q"], dtype=torch.int8, device=device))
-        self.register_buffer("w_scale", torch.ones(shapes["w_scale"], dtype=torch.float32, device=device))
+        dtypes = _PACKED_DTYPES if self.format.packed else _INT8_DTYPES
+        for name, shape in self.format.weight_shapes(out_features, in_features).items():
+            fill = torch.ones if name == "w_scale" else torch.zeros
+            self.register_buffer(name, fill(shape, dtype=dtypes[name], device=device))
         bias_buffer = torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None
         self.register_buffer("bias", bias_buffer)
 
@@ -73,8 +81,8 @@ class QLinear(nn.Module):
         return self.format.name
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str = "w8a8") -> QLinear:
-        """Quantize ``linear``'s weight per output channel; the bias is copied in its own dtype."""
+    def from_linear(cls, linear: nn.Linear, mode: str | LinearFormat = "w8a8") -> QLinear:
+        """Quantize ``linear``'s weight in ``mode``'s format; the bias is copied in its own dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
@@ -85,16 +93,37 @@ class QLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, bias=bias is not None, mode=mode,
                     bias_dtype=bias.dtype if bias is not None else torch.float32, device=weight.device)
         with torch.no_grad():
-            w_q, w_scale = quantize_weight(weight)
-            layer.w_q.copy_(w_q)
-            layer.w_scale.copy_(w_scale)
+            if layer.format.packed:
+                q = quantize_lowbit(weight, layer.format.scheme)
+                layer.w_packed.copy_(pack(q.codes, layer.format.weight_bits))
+                layer.w_scale.copy_(q.scale)
+                if q.zero is not None:
+                    layer.w_zero.copy_(q.zero)
+            else:
+                w_q, w_scale = quantize_weight(weight)
+                layer.w_q.copy_(w_q)
+                layer.w_scale.copy_(w_scale)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
 
+    def kernel_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Packed formats: scales and zeros as the GEMM ops read them, [K groups, N] (row groups repeated)."""
+        zeros = None if self.format.symmetric else self.w_zero
+        return expand_rows(self.w_scale, self.out_features), expand_rows(zeros, self.out_features)
+
     def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight [out_features, in_features] the codes stand for: ``w_q * w_scale[:, None]``."""
-        return self.w_q.float() * self.w_scale[:, None]
+        """The float32 weight [out_features, in_features] the codes stand for."""
+        if not self.format.packed:
+            return self.w_q.float() * self.w_scale[:, None]
+        scales, zeros = self.kernel_scales()
+        codes = unpack(self.w_packed, self.format.weight_bits, self.in_features)
+        return dequantize_lowbit(codes, scales, zeros, self.format.weight_bits,
+                                 self.format.scheme.kernel_group_size(self.in_features))
+
+    def weight_nbytes(self) -> dict[str, int]:
+        """Exact bytes of the weight buffers (codes, scales, zeros; bias not counted)."""
+        return self.format.nbytes(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
@@ -104,8 +133,9 @@ class QLinear(nn.Module):
             raise TypeError(f"QLinear: w_scale must be float32, got {self.w_scale.dtype}; the model was "
                             f"probably cast (.half(), .to(dtype)) after quantization: cast first, "
                             f"then quantize")
-        return FORWARDS[self.mode](self, x.contiguous())
+        forward = _forward_packed if self.format.packed else _forward_int8
+        return forward(self, x.contiguous())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, mode={self.mode}")
+                f"bias={self.bias is not None}, mode={self.format.describe()}")

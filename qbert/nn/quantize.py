@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from qbert.models import family_of
 from qbert.models._family import first_match
-from qbert.nn.formats import linear_format
+from qbert.nn.formats import LinearFormat, linear_format
 from qbert.nn.qlinear import QLinear
 
 SUMMARY_ATTR = "qbert_summary"
@@ -20,6 +21,8 @@ class QuantizeSummary:
 
     swapped: names of the modules now QLinear (a shared layer lists every name it is reachable by).
     kept_float: name -> why that ``nn.Linear`` stayed in float (``"head"``, ``"skip: <pattern>"``, ...).
+    mode: ``LinearFormat.describe()`` of the one format used (``"w8a8"``, ``"w4a16 g128 asym"``), or
+        ``"plan"`` when a plan chose per layer (each QLinear's ``format`` says which).
     """
 
     mode: str
@@ -42,12 +45,19 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), attr, module)
 
 
-def quantize(model: nn.Module, mode: str = "w8a8", skip: tuple[str, ...] | list[str] = (),
-             include_head: bool = False) -> nn.Module:
+def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
+             skip: tuple[str, ...] | list[str] = (), include_head: bool = False, *,
+             group_size: int | None = None, row_groups: int | None = None,
+             symmetric: bool | None = None) -> nn.Module:
     """Swap ``model``'s ``nn.Linear`` layers for ``qbert.nn.QLinear`` in place and return ``model``.
 
-    mode: ``"w8a8"`` (dynamic per-token int8 activations x per-channel int8 weights) or ``"w8a16"``
-        (per-channel int8 weights, float activations); see ``qbert.nn.formats``.
+    mode: one format for every layer -- a mode name (``"w8a8"``, ``"w8a16"``, ``"w4a16"``, ``"w3a16"``,
+        ``"w2a16"``, ``"w4a8"``, ``"w3a8"``, ``"w2a8"``; see ``qbert.nn.formats``) or a ``LinearFormat`` --
+        or a plan: a ``qbert.allocate.Plan`` (or a mapping of module name -> mode name / LinearFormat)
+        giving each layer its own format. With a plan exactly the listed modules are quantized (heads
+        included); a listed name that is not an ``nn.Linear`` of the model is an error.
+    group_size, row_groups, symmetric: overrides of a mode's defaults (``linear_format``); e.g.
+        ``quantize(model, "w4a16", group_size=64)``; ``group_size=-1`` means one range per output channel.
     skip: fnmatch globs over module names (``model.named_modules()``) to leave in float; a pattern that
         matches a module also covers everything below it (``"bert.encoder.layer.0"``).
     include_head: also quantize the task heads (classifier, QA, MLM heads, ...). Heads come from the
@@ -64,7 +74,6 @@ def quantize(model: nn.Module, mode: str = "w8a8", skip: tuple[str, ...] | list[
 
     The result is recorded in ``model.qbert_summary`` (a ``QuantizeSummary``).
     """
-    fmt = linear_format(mode)
     if isinstance(skip, str):
         raise TypeError(f"quantize: skip must be a sequence of patterns, got the string {skip!r} "
                         f"(write skip=({skip!r},))")
@@ -72,20 +81,68 @@ def quantize(model: nn.Module, mode: str = "w8a8", skip: tuple[str, ...] | list[
         raise TypeError("quantize: the model itself is an nn.Linear and cannot be swapped in place; "
                         "use qbert.nn.QLinear.from_linear(linear, mode)")
     family = family_of(model)
+    aliases = _linear_aliases(model)
+    plan = _plan_layers(mode)
+    if plan is None:
+        fmt = linear_format(mode, group_size=group_size, row_groups=row_groups, symmetric=symmetric)
+        chosen = _uniform_choice(aliases, fmt, family, tuple(skip), include_head)
+        label = fmt.describe()
+    else:
+        if (group_size, row_groups, symmetric) != (None, None, None) or skip or include_head:
+            raise ValueError("quantize: a plan names every layer's format; group_size, row_groups, symmetric, "
+                             "skip and include_head apply to a single mode only")
+        chosen = _plan_choice(model, aliases, plan)
+        label = "plan"
     swapped: list[str] = []
     kept_float: dict[str, str] = {}
-    for linear, names in _linear_aliases(model).values():
-        reason = _keep_float_reason(names, family.heads, family.keep_float, tuple(skip), include_head)
-        if reason is not None:
-            kept_float.update({name: reason for name in names})
+    for key, (linear, names) in aliases.items():
+        fmt_or_reason = chosen[key]
+        if isinstance(fmt_or_reason, str):
+            kept_float.update({name: fmt_or_reason for name in names})
             continue
-        qlinear = QLinear.from_linear(linear, fmt.name)
+        qlinear = QLinear.from_linear(linear, fmt_or_reason)
         qlinear.train(linear.training)
         for name in names:
             _set_module(model, name, qlinear)
         swapped.extend(names)
-    setattr(model, SUMMARY_ATTR, QuantizeSummary(fmt.name, family.name, tuple(swapped), kept_float))
+    setattr(model, SUMMARY_ATTR, QuantizeSummary(label, family.name, tuple(swapped), kept_float))
     return model
+
+
+def _plan_layers(mode) -> dict[str, LinearFormat] | None:
+    """The per-layer formats of a plan argument, or None when ``mode`` names one format for all layers."""
+    from qbert.allocate.plan import Plan
+
+    if isinstance(mode, Plan):
+        return dict(mode.layers)
+    if isinstance(mode, Mapping):
+        return {name: linear_format(fmt) for name, fmt in mode.items()}
+    return None
+
+
+def _uniform_choice(aliases, fmt: LinearFormat, family, skip: tuple[str, ...], include_head: bool) -> dict:
+    choice = {}
+    for key, (_, names) in aliases.items():
+        reason = _keep_float_reason(names, family.heads, family.keep_float, skip, include_head)
+        choice[key] = reason if reason is not None else fmt
+    return choice
+
+
+def _plan_choice(model: nn.Module, aliases, plan: dict[str, LinearFormat]) -> dict:
+    by_name = {name: key for key, (_, names) in aliases.items() for name in names}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name in plan:
+        if name not in by_name:
+            what = "no module" if name not in modules else f"a {type(modules[name]).__name__}, not an nn.Linear"
+            raise ValueError(f"quantize: the plan names {name!r}, which is {what} in {type(model).__name__}")
+    choice = {}
+    for key, (_, names) in aliases.items():
+        formats = {plan[name] for name in names if name in plan}
+        if len(formats) > 1:
+            raise ValueError(f"quantize: the plan gives the shared layer {names} several formats: "
+                             f"{sorted(f.describe() for f in formats)}")
+        choice[key] = formats.pop() if formats else "not in the plan"
+    return choice
 
 
 def _keep_float_reason(names: list[str], heads: tuple[str, ...], keep_float: tuple[str, ...],

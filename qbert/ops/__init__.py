@@ -3,9 +3,11 @@
 from qbert.ops._registry import BACKENDS, OPS, BackendError, FallbackWarning, use_backend
 from qbert.ops.int8_gemm import int8_gemm
 from qbert.ops.int8_linear import int8_linear
+from qbert.ops.lowbit_linear import lowbit_linear
 from qbert.ops.quantize_per_token import quantize_per_token
+from qbert.ops.w4a8_linear import w4a8_linear
 from qbert.ops.w8a8_linear import w8a8_linear
 from qbert.ops.w8a16_linear import w8a16_linear
 
 __all__ = ["BACKENDS", "OPS", "BackendError", "FallbackWarning", "int8_gemm", "int8_linear",
-           "quantize_per_token", "use_backend", "w8a8_linear", "w8a16_linear"]
+           "lowbit_linear", "quantize_per_token", "use_backend", "w4a8_linear", "w8a8_linear", "w8a16_linear"]

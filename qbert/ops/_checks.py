@@ -68,3 +68,44 @@ def check_float_linear(op: str, x: torch.Tensor, w_q: torch.Tensor, w_scale: tor
             raise ValueError(f"{op}: bias must have shape [N={n}], got {list(bias.shape)}")
     check_contiguous(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
     check_same_device(op, x=x, w_q=w_q, w_scale=w_scale, bias=bias)
+
+
+def check_lowbit_linear(op: str, x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None,
+                        allowed_bits: tuple[int, ...]) -> None:
+    """Float activations x [..., K] against packed low-bit codes (``qbert.quant.packing``) with
+    K-group scales / zeros ``[ceil(K / group_size), N]``."""
+    from qbert.quant.packing import PACK_CHUNK, packed_rows
+
+    check_dtype(op, "x", x, *FLOAT_DTYPES)
+    check_ndim(op, "x", x, min_ndim=1)
+    check_nonempty_k(op, "x", x)
+    if bits not in allowed_bits:
+        raise ValueError(f"{op}: bits must be one of {allowed_bits}, got {bits!r}")
+    k = x.shape[-1]
+    if not isinstance(group_size, int) or group_size < 1 or (group_size % PACK_CHUNK and group_size < k):
+        raise ValueError(f"{op}: group_size must be a positive multiple of {PACK_CHUNK}, or >= K={k} "
+                         f"(one group per row), got {group_size!r}")
+    check_dtype(op, "w_packed", w_packed, torch.int32)
+    check_ndim(op, "w_packed", w_packed, ndim=2)
+    rows = packed_rows(k, bits)
+    if w_packed.shape[0] != rows:
+        raise ValueError(f"{op}: w_packed must have ceil(K/{PACK_CHUNK})*bits = {rows} rows for K={k}, "
+                         f"bits={bits}, got shape {list(w_packed.shape)}")
+    n = w_packed.shape[1]
+    groups = -(-k // group_size)
+    check_dtype(op, "scales", scales, torch.float32)
+    if scales.shape != (groups, n):
+        raise ValueError(f"{op}: scales must have shape [ceil(K/group_size)={groups}, N={n}] for K={k}, "
+                         f"group_size={group_size}, got {list(scales.shape)}")
+    if zeros is not None:
+        check_dtype(op, "zeros", zeros, torch.uint8)
+        if zeros.shape != (groups, n):
+            raise ValueError(f"{op}: zeros must have shape [ceil(K/group_size)={groups}, N={n}] (like "
+                             f"scales), got {list(zeros.shape)}")
+    if bias is not None:
+        check_dtype(op, "bias", bias, *FLOAT_DTYPES)
+        if bias.shape != (n,):
+            raise ValueError(f"{op}: bias must have shape [N={n}], got {list(bias.shape)}")
+    check_contiguous(op, x=x, w_packed=w_packed, scales=scales, zeros=zeros, bias=bias)
+    check_same_device(op, x=x, w_packed=w_packed, scales=scales, zeros=zeros, bias=bias)

@@ -6,12 +6,18 @@ import json
 
 import pytest
 import torch
+from qbert.benchmarks import SUITES, suite_module
 from qbert.benchmarks import _harness as H
-from qbert.benchmarks import bench_e2e, bench_int8_linear
 
 from qbert import cli
 
-SUITES = {"int8_linear": bench_int8_linear, "e2e": bench_e2e}
+# The linear-layer suites, with a row of qbert's own layer that each smoke run must time successfully.
+QBERT_ROW = {"int8_linear": "qbert w8a8", "lowbit_linear": "qbert w4a16", "e2e": "qbert w8a8"}
+OWN_SMOKE_TEST: set[str] = set()  # suites with a smoke test of their own
+
+
+def test_every_suite_has_a_smoke_test():
+    assert set(SUITES) == set(QBERT_ROW) | OWN_SMOKE_TEST
 
 
 def _check_written(output, suite: str, tmp_path) -> None:
@@ -25,14 +31,14 @@ def _check_written(output, suite: str, tmp_path) -> None:
     assert len(data["results"]) == len(output.results)
 
 
-@pytest.mark.parametrize("suite", list(SUITES))
+@pytest.mark.parametrize("suite", list(QBERT_ROW))
 def test_smoke_runs_and_writes(suite, tmp_path):
-    output = SUITES[suite].main(["--smoke", "--out", str(tmp_path), "--threads", "2"])
+    output = suite_module(suite).main(["--smoke", "--out", str(tmp_path), "--threads", "2"])
     _check_written(output, suite, tmp_path)
     assert not [r for r in output.results if r.status == H.STATUS_FAILED], output.markdown
     float_rows = [r for r in output.results if "F.linear" in r.impl or r.impl in ("fp32", "fp16")]
     assert float_rows and all(r.status == H.STATUS_OK for r in float_rows), output.markdown
-    assert any(r.impl.startswith("qbert w8a8") and r.status == H.STATUS_OK for r in output.results), \
+    assert any(r.impl.startswith(QBERT_ROW[suite]) and r.status == H.STATUS_OK for r in output.results), \
         output.markdown
     for r in output.results:
         assert r.status == H.STATUS_OK or r.reason, f"{r.impl} is {r.status} without a reason"

@@ -105,6 +105,8 @@ def test_metadata_layout(saved):
     assert json.loads(metadata[KEY_CONFIG])["hidden_size"] == 64
     entry = json.loads(metadata[KEY_LAYERS])[0]
     assert entry == {"names": ["bert.encoder.layer.0.attention.self.query"], "mode": "w8a8",
+                     "format": {"name": "w8a8", "weight_bits": 8, "activation_bits": 8, "symmetric": True,
+                                "group_size": None, "row_groups": None},
                      "in_features": 64, "out_features": 64, "bias": True, "bias_dtype": "float32"}
 
 
@@ -137,14 +139,16 @@ def test_a_corrupt_file_is_an_error_naming_it(saved, cut):
 
 @pytest.mark.parametrize("change,match", [
     pytest.param(lambda m: m.pop(KEY_FORMAT_VERSION), "has no format version", id="missing-version"),
-    pytest.param(lambda m: m.update({KEY_FORMAT_VERSION: "2"}), "has format version '2'; this qbert reads "
-                 "version 1", id="future-version"),
+    pytest.param(lambda m: m.update({KEY_FORMAT_VERSION: "3"}), "has format version '3'; this qbert reads "
+                 "versions 1, 2", id="future-version"),
     pytest.param(lambda m: m.pop(KEY_FORMAT), "is not a qbert quantized model", id="missing-format"),
     pytest.param(lambda m: m.update({"qbert.model_class": "NotAModel"}), "'NotAModel' is not a transformers",
                  id="unknown-class"),
     pytest.param(lambda m: m.update({KEY_CONFIG: "{"}), "'qbert.config' is not valid JSON", id="bad-json"),
-    pytest.param(lambda m: m.update({KEY_LAYERS: m[KEY_LAYERS].replace("w8a8", "w3a8")}),
-                 "unknown quantization mode 'w3a8'", id="unknown-mode"),
+    pytest.param(lambda m: m.update({KEY_LAYERS: m[KEY_LAYERS].replace("w8a8", "w5a8")}),
+                 "unknown quantization mode 'w5a8'", id="unknown-mode"),
+    pytest.param(lambda m: m.update({KEY_LAYERS: m[KEY_LAYERS].replace('"weight_bits": 8', '"weight_bits": 4')}),
+                 "contradicts the mode 'w8a8'", id="format-contradicts-mode"),
 ])
 def test_bad_metadata_is_an_error_naming_the_file(saved, change, match):
     _rewrite(saved, change_metadata=change)

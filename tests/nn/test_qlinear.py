@@ -4,7 +4,7 @@ from torch import nn
 
 from qbert import ops
 from qbert.nn import FORMATS, QLinear
-from qbert.nn.qlinear import FORWARDS
+from qbert.nn.formats import INT8_MODES
 from qbert.ops.int8_linear import int8_linear_reference
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 from qbert.ops.w8a16_linear import w8a16_linear_reference
@@ -14,8 +14,9 @@ from tests.nn._tiny_models import sqnr_db
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (leading dims of x, K = in_features, N = out_features): one token, primes, sizes past a tile, 3 leading dims
 SHAPES = [((1,), 1, 1), ((7,), 13, 129), ((2, 5), 64, 33), ((2, 3, 4), 129, 16)]
-# w8a8 and w8a16 of a Gaussian layer on Gaussian inputs: int8 codes give ~40 dB; this leaves a margin.
-MIN_LAYER_SQNR_DB = 30
+# A Gaussian layer on Gaussian inputs, by weight bits: uniform codes give about 6 dB per bit (measured:
+# 40-43 dB at 8 bits, 19.9 at 4, 13.3 at 3, 6.0 at 2 with K groups of 128); the bounds leave >= 2 dB.
+MIN_LAYER_SQNR_DB = {8: 30, 4: 17, 3: 11, 2: 4}
 
 
 def _dtype_id(dtype: torch.dtype) -> str:
@@ -38,7 +39,7 @@ def _x(lead: tuple[int, ...], k: int, dtype: torch.dtype, seed: int = 1) -> torc
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("mode", list(FORMATS))
+@pytest.mark.parametrize("mode", INT8_MODES)
 def test_from_linear_weight_codes(mode, dtype):
     # Tier: exact. The codes and scales are the reference per-channel quantization of the weight.
     linear = _linear(64, 33, dtype)
@@ -111,7 +112,8 @@ def test_close_to_float_linear(mode):
     nn.init.normal_(linear.weight)
     x = _x((32,), 256, torch.float32)
     with torch.no_grad():
-        assert sqnr_db(linear(x), QLinear.from_linear(linear, mode)(x)) >= MIN_LAYER_SQNR_DB
+        layer = QLinear.from_linear(linear, mode)
+        assert sqnr_db(linear(x), layer(x)) >= MIN_LAYER_SQNR_DB[layer.format.weight_bits]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -119,7 +121,7 @@ def test_close_to_float_linear(mode):
 def test_state_dict_round_trip(mode, bias):
     layer = QLinear.from_linear(_linear(64, 33, torch.bfloat16, bias), mode)
     state = layer.state_dict()
-    assert set(state) == ({"w_q", "w_scale", "bias"} if bias else {"w_q", "w_scale"})
+    assert set(state) == set(FORMATS[mode].weight_shapes(33, 64)) | ({"bias"} if bias else set())
     fresh = QLinear(64, 33, bias=bias, mode=mode, bias_dtype=torch.bfloat16)
     fresh.load_state_dict(state)
     x = _x((5,), 64, torch.bfloat16)
@@ -130,10 +132,6 @@ def test_state_dict_shape_mismatch_is_an_error():
     state = QLinear.from_linear(_linear(64, 33, torch.float32), "w8a8").state_dict()
     with pytest.raises(RuntimeError, match="size mismatch for w_q"):
         QLinear(64, 32).load_state_dict(state)
-
-
-def test_every_format_has_a_forward():
-    assert set(FORWARDS) == set(FORMATS)
 
 
 def test_dequantized_weight_is_close_to_the_float_weight():

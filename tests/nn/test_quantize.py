@@ -10,8 +10,10 @@ from qbert.models._family import first_match
 from qbert.nn import FORMATS, QLinear
 from tests.nn._tiny_models import BASE_MODELS, HEAD_MODELS, build, first_output, linear_names, sqnr_db
 
-# Quality tier: the last hidden state of a quantized tiny random-init encoder against the fp32 model.
-MIN_MODEL_SQNR_DB = 25
+# Quality tier: the last hidden state of a quantized tiny random-init encoder against the fp32 model, by
+# weight bits (lowest measured over the families: 42 dB at 8 bits, 21 at 4, 14.5 at 3, 8 at 2; ALBERT and
+# ELECTRA are the lowest); the bounds leave a margin of >= 3 dB.
+MIN_MODEL_SQNR_DB = {8: 25, 4: 15, 3: 10, 2: 5}
 ALBERT_LAYERS = 4
 
 
@@ -71,7 +73,7 @@ def test_last_hidden_state_sqnr(family, mode):
     every_linear = linear_names(model)
     qbert.quantize(model, mode)
     assert linear_names(model, QLinear) == every_linear  # a base model has no heads
-    assert sqnr_db(expected, first_output(model)) >= MIN_MODEL_SQNR_DB
+    assert sqnr_db(expected, first_output(model)) >= MIN_MODEL_SQNR_DB[FORMATS[mode].weight_bits]
 
 
 @pytest.mark.parametrize("groups", [1, 2], ids=lambda g: f"{g}_groups")
@@ -147,8 +149,8 @@ def test_quantized_copy_leaves_the_original_alone():
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError, match="unknown quantization mode 'w4a16'; known modes: w8a8, w8a16"):
-        qbert.quantize(_TwoNamesForOneLinear(), "w4a16")
+    with pytest.raises(ValueError, match="unknown quantization mode 'w4a4'; known modes: w8a8, w8a16, w4a16"):
+        qbert.quantize(_TwoNamesForOneLinear(), "w4a4")
 
 
 def test_skip_must_not_be_a_string():
