@@ -10,6 +10,7 @@ from types import ModuleType
 SUITES = {
     "int8_linear": "bench_int8_linear",
     "lowbit_linear": "bench_lowbit_linear",
+    "block_sparse": "bench_block_sparse",
     "e2e": "bench_e2e",
 }
 

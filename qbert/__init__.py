@@ -8,11 +8,13 @@ from qbert.allocate.plan import Plan
 from qbert.io import QuantizedFileError, load_quantized, save_quantized
 from qbert.nn import QLinear, quantize
 from qbert.ops import BackendError, FallbackWarning, use_backend
+from qbert.sparse import BlockLayout, sparsify_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
            "BackendError",
+           "BlockLayout",
            "FallbackWarning",
            "Plan",
            "QLinear",
@@ -22,5 +24,6 @@ __all__ = [
            "ops",
            "quantize",
            "save_quantized",
+           "sparsify_attention",
            "use_backend",
 ]

@@ -12,8 +12,9 @@ from qbert.benchmarks import _harness as H
 from qbert import cli
 
 # The linear-layer suites, with a row of qbert's own layer that each smoke run must time successfully.
+# (block_sparse has its own smoke test: tests/benchmarks/test_block_sparse_smoke.py.)
 QBERT_ROW = {"int8_linear": "qbert w8a8", "lowbit_linear": "qbert w4a16", "e2e": "qbert w8a8"}
-OWN_SMOKE_TEST: set[str] = set()  # suites with a smoke test of their own
+OWN_SMOKE_TEST = {"block_sparse"}
 
 
 def test_every_suite_has_a_smoke_test():
