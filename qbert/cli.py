@@ -3,6 +3,9 @@
     qbert info                                   versions, build, CUDA device, op x backend table
     qbert demo [--threads N] [--repeats R]       quantize all-MiniLM-L6-v2 to W8A8: size, speed, fidelity
     qbert bench [SUITE|all] [--smoke] [--out DIR] [--threads N]   suites: qbert.benchmarks.SUITES
+    qbert allocate --model DIR --data FILE --budget 3bits|40MB --method trace|eigen --out plan.json
+                                                 Hessian-guided format per layer: a plan + a plot
+    qbert quantize --model DIR --plan plan.json --out DIR   apply a plan, write DIR/model.safetensors
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from qbert import demo
+    from qbert.allocate import command as allocate_command
     from qbert.benchmarks import SUITES
     from qbert.benchmarks import _harness as H
 
@@ -126,7 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None,
                        help=f"output dir (default {H.DEFAULT_RESULTS_DIR}; ./{H.SMOKE_RESULTS_DIR} with --smoke)")
     bench.add_argument("--threads", type=int, default=H.DEFAULT_THREADS, help="torch threads (CPU timings)")
+    allocate_command.add_allocate_arguments(
+        commands.add_parser("allocate", help="choose a format per layer from Hessian sensitivities (a plan)"))
+    allocate_command.add_quantize_arguments(
+        commands.add_parser("quantize", help="apply a plan to a model and save it quantized"))
     return parser
+
+
+def _allocate_or_quantize(args: argparse.Namespace) -> int:
+    from qbert.allocate import command as allocate_command
+
+    run = allocate_command.run_allocate if args.command == "allocate" else allocate_command.run_quantize
+    try:
+        return run(args)
+    except allocate_command.ERRORS as exc:
+        print(f"qbert {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         return _demo(args)
+    if args.command in ("allocate", "quantize"):
+        return _allocate_or_quantize(args)
     return _bench(args)
 
 

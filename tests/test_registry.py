@@ -45,9 +45,9 @@ def test_env_var_forces_a_backend(monkeypatch):
 
 
 def test_unknown_backend_names_are_errors(monkeypatch):
-    with pytest.raises(ValueError, match="use_backend: unknown backend 'cuda2'; known backends: cuda, triton"):
-        with qbert.use_backend("cuda2"):
-            pass
+    with pytest.raises(ValueError, match="use_backend: unknown backend 'cuda2'; known backends: cuda, triton"), \
+            qbert.use_backend("cuda2"):
+        pass
     monkeypatch.setenv("QBERT_BACKEND", "fast")
     with pytest.raises(ValueError, match="QBERT_BACKEND: unknown backend 'fast'"):
         qbert.ops.int8_gemm(torch.zeros(1, 1, dtype=torch.int8), torch.zeros(1, 1, dtype=torch.int8))

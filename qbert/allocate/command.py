@@ -1,0 +1,219 @@
+"""The ``qbert allocate`` and ``qbert quantize`` commands (argument parsing, reports, the plot)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from qbert.allocate.allocator import METHODS, RANK_METHODS, allocate
+from qbert.allocate.budget import BITS_PER_BYTE, MB, parse_budget
+from qbert.allocate.calibration import calibration, load_model
+from qbert.allocate.layers import default_ties, quantizable_modules
+from qbert.allocate.plan import Plan
+from qbert.allocate.solvers import AllocationError
+
+DEFAULT_FORMATS = "w2a16,w3a16,w4a16,w8a16"
+SENSITIVITY_METHODS = ("trace", "eigen")
+QUANTIZED_FILE = "model.safetensors"
+_SCALAR_LABEL = {"trace": "Tr(H) / n (Hutchinson)", "eigen": "Q-BERT Omega = |mean lambda| + std lambda"}
+
+ALLOCATE_HELP = f"""\
+Choose a format per linear layer from Hessian sensitivities and write a qbert plan (JSON) plus a plot.
+
+--model: a save_pretrained directory of a transformers *ForSequenceClassification or *ForMaskedLM model
+  with its tokenizer. --data: calibration examples, a .jsonl file ({{"text": ..., "text_pair"?: ...,
+  "label"?: int}} per line) or plain text, one example per line. Loss: the task's cross-entropy with the
+  labels (classification) or the MLM loss with 15% of the real tokens masked, seeded (masked LM).
+  Examples are truncated to --max-length tokens; the first --max-batches batches of --batch-size are used.
+--method trace: HAWQ-V2, Omega_i(b) = Tr(H_i)/n_i * ||Q_b(W_i) - W_i||^2, traces by Hutchinson (--probes).
+  --method eigen: Q-BERT, Omega_i = |mean lambda| + std lambda of the top eigenvalue over --subsets
+  consecutive subsets of the batches (power iteration), Omega_i(b) = Omega_i * ||Q_b(W_i) - W_i||^2.
+--budget: 3bits / 2.5bits (average bits per weight of the allocated layers, scales and zero points
+  included) or 40MB (10^6 bytes of their weights). --solver milp (HiGHS) or dp minimise sum Omega under
+  the budget; rank / reverse (Q-BERT's rule and its ablation: the more / less sensitive half of the
+  layers gets the higher of exactly two --formats) take no budget.
+--formats: candidate modes (default {DEFAULT_FORMATS}: 2/3/4-bit asymmetric K-groups of 128, int8
+  per channel); --group-size, --row-groups (Q-BERT row groups), --symmetric override them all.
+Allocated layers: those qbert.quantize swaps by default (task heads stay float); Q, K and V of each
+attention block share a format unless --no-ties. The plot (--plot, default OUT with .png) shows the
+sensitivity per layer, coloured by the chosen format.
+"""
+
+
+def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = ALLOCATE_HELP
+    parser.add_argument("--model", required=True, help="save_pretrained model directory")
+    parser.add_argument("--data", required=True, help="calibration examples (.jsonl or text)")
+    parser.add_argument("--budget", help="3bits, 2.5bits or 40MB (not with --solver rank/reverse)")
+    parser.add_argument("--method", choices=SENSITIVITY_METHODS, default="trace", help="sensitivity (default trace)")
+    parser.add_argument("--out", required=True, help="the plan file to write (JSON)")
+    parser.add_argument("--solver", choices=METHODS, default="milp", help="allocation method (default milp)")
+    parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"candidate modes (default {DEFAULT_FORMATS})")
+    parser.add_argument("--group-size", type=int, help="K values per range for every format (-1: per channel)")
+    parser.add_argument("--row-groups", type=int, help="Q-BERT row groups for every format")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric codes for every format")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per batch (default 8)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per example at most (default 128)")
+    parser.add_argument("--max-batches", type=int, default=4, help="calibration batches (default 4)")
+    parser.add_argument("--probes", type=int, default=32, help="trace: Hutchinson probes (default 32)")
+    parser.add_argument("--joint", action="store_true",
+                        help="trace: one probe and one double backward for all layers at once (faster, noisier)")
+    parser.add_argument("--subsets", type=int, default=2, help="eigen: data subsets (default 2)")
+    parser.add_argument("--max-iter", type=int, default=100, help="eigen: power iterations at most (default 100)")
+    parser.add_argument("--rel-tol", type=float, default=1e-3, help="eigen: relative residual to stop (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="probes, start vectors and MLM masks (default 0)")
+    parser.add_argument("--no-ties", action="store_true", help="let Q, K and V take different formats")
+    parser.add_argument("--plot", help="plot file (default: --out with .png)")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the Hessian products run (default cuda when available, else cpu)")
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (f"Apply a plan (qbert allocate) to a save_pretrained model and write "
+                          f"qbert.save_quantized output to OUT/{QUANTIZED_FILE}; prints the size table.")
+    parser.add_argument("--model", required=True, help="save_pretrained model directory")
+    parser.add_argument("--plan", required=True, help="plan file (JSON)")
+    parser.add_argument("--out", required=True, help=f"output directory (gets {QUANTIZED_FILE})")
+
+
+def _formats(args: argparse.Namespace) -> list:
+    from qbert.nn.formats import linear_format
+
+    names = [name.strip() for name in args.formats.split(",") if name.strip()]
+    if not names:
+        raise AllocationError("--formats is empty")
+    return [linear_format(name, group_size=args.group_size, row_groups=args.row_groups,
+                          symmetric=True if args.symmetric else None) for name in names]
+
+
+def _sensitivity(args, model, names, batches, loss_fn, formats) -> tuple[dict, dict, dict]:
+    """(per-format Omega, scalar per layer, extra meta) for --method."""
+    from qbert import hessian
+
+    if args.method == "trace":
+        traces = hessian.hutchinson_traces(model, names, batches, loss_fn, probes=args.probes, joint=args.joint,
+                                           seed=args.seed)
+        weights = hessian.module_weights(model, names)
+        scalar = {n: t.mean / weights[n].numel() for n, t in traces.items()}
+        extra = {"traces": {n: {"mean": t.mean, "stderr": t.stderr, "probes": t.probes} for n, t in traces.items()}}
+        return hessian.hawq_sensitivity(model, traces, formats), scalar, extra
+    if not 1 <= args.subsets <= len(batches):
+        raise AllocationError(f"--subsets {args.subsets} needs between 1 and the {len(batches)} calibration batches")
+    per = len(batches) // args.subsets
+    subsets = [batches[i * per:(i + 1) * per] for i in range(args.subsets)]
+    omega = hessian.qbert_sensitivity(model, names, subsets, loss_fn, max_iter=args.max_iter, rel_tol=args.rel_tol,
+                                      seed=args.seed)
+    return hessian.eigen_sensitivity(model, omega, formats), omega, {"subsets": args.subsets}
+
+
+def plot_allocation(plan: Plan, scalar: dict[str, float], label: str, path: str | os.PathLike) -> None:
+    """Bars of the scalar sensitivity per layer (symlog scale), coloured by the chosen format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(plan.layers)
+    prefix = os.path.commonprefix(names).rpartition(".")[0]
+    formats = sorted({f.describe(): f.weight_bits for f in plan.layers.values()}.items(), key=lambda kv: kv[1])
+    colours = {name: plt.cm.viridis(i / max(len(formats) - 1, 1)) for i, (name, _) in enumerate(formats)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names)), 4.5))
+    ax.bar(range(len(names)), [scalar[n] for n in names],
+           color=[colours[plan.layers[n].describe()] for n in names])
+    ax.set_yscale("symlog", linthresh=min((abs(v) for v in scalar.values() if v), default=1.0))
+    ax.set_xticks(range(len(names)), [n[len(prefix) + 1:] if prefix else n for n in names], rotation=90,
+                  fontsize="x-small")
+    ax.set_ylabel(label)
+    meta = plan.meta
+    ax.set_title(f"{meta['method']}: {meta['bits_per_weight']:.3g} bits/weight, {meta['megabytes']:.4g} MB "
+                 f"(budget {meta['budget']})", fontsize="small")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name, _ in formats],
+              labels=[name for name, _ in formats], fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _report(plan: Plan, scalar: dict[str, float]) -> str:
+    width = max(len(n) for n in plan.layers)
+    lines = [f"{'layer':<{width}}  {'sensitivity':>12}  format"]
+    lines += [f"{n:<{width}}  {scalar[n]:>12.4g}  {fmt.describe()}" for n, fmt in plan.layers.items()]
+    meta = plan.meta
+    lines.append(f"{meta['method']}: {meta['bytes']} bytes = {meta['megabytes']:.6g} MB = "
+                 f"{meta['bits_per_weight']:.4f} bits/weight over {meta['weights']} weights"
+                 + (f" (budget {meta['budget']}, {meta['budget_bytes']} bytes)" if meta["budget"] else "")
+                 + f"; objective {meta['objective']:.6g}")
+    return "\n".join(lines)
+
+
+def run_allocate(args: argparse.Namespace) -> int:
+    budget = None if args.budget is None else parse_budget(args.budget)
+    if budget is None and args.solver not in RANK_METHODS:
+        raise AllocationError(f"--solver {args.solver} needs --budget (e.g. 3bits or 40MB)")
+    if args.plot and args.no_plot:
+        raise AllocationError("--plot and --no-plot contradict each other")
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        raise AllocationError("the plot needs matplotlib (pip install 'qbert[bench]'); or pass --no-plot")
+    formats = _formats(args)
+    model, batches, loss_fn = calibration(args.model, args.data, batch_size=args.batch_size,
+                                          max_length=args.max_length, max_batches=args.max_batches, seed=args.seed)
+    model.to(args.device)
+    names = quantizable_modules(model)
+    ties = [] if args.no_ties else [t for t in default_ties(model) if all(n in names for n in t)]
+    if budget is not None:  # a budget below the smallest achievable size fails here, before the Hessian work
+        allocate(model, {n: dict.fromkeys(formats, 0.0) for n in names}, budget, ties=ties, method=args.solver)
+    sensitivity, scalar, extra = _sensitivity(args, model, names, batches, loss_fn, formats)
+    plan = allocate(model, sensitivity, budget, ties=ties, method=args.solver,
+                    scores=scalar if args.solver in RANK_METHODS else None)
+    plan = Plan(plan.layers, {**plan.meta, "sensitivity_method": args.method, "scalar_sensitivity": scalar, **extra,
+                              "model": os.fspath(args.model), "data": os.fspath(args.data),
+                              "calibration": {"batches": len(batches), "batch_size": args.batch_size,
+                                              "max_length": args.max_length, "seed": args.seed}})
+    plan.save(args.out)
+    print(_report(plan, scalar))
+    print(f"plan: {args.out}")
+    if not args.no_plot:
+        plot_path = args.plot or str(Path(args.out).with_suffix(".png"))
+        plot_allocation(plan, scalar, _SCALAR_LABEL[args.method], plot_path)
+        print(f"plot: {plot_path}")
+    return 0
+
+
+def size_table(model) -> str:
+    """The ``qbert.nn.linear_bytes`` table: layer, format, weights, bytes, bits per weight, and totals."""
+    from qbert.nn.size import linear_bytes
+
+    rows = linear_bytes(model)
+    width = max(len(r.names[0]) for r in rows)
+    lines = [f"{'layer':<{width}}  {'format':<16}  {'weights':>9}  {'bytes':>10}  bits/weight"]
+    lines += [f"{r.names[0]:<{width}}  {r.format:<16}  {r.weights:>9}  {r.total:>10}  {r.bits_per_weight:.3f}"
+              for r in rows]
+    weights, total = sum(r.weights for r in rows), sum(r.total for r in rows)
+    lines.append(f"{'total':<{width}}  {'':<16}  {weights:>9}  {total:>10}  {BITS_PER_BYTE * total / weights:.3f}"
+                 f"  ({total / MB:.6g} MB)")
+    return "\n".join(lines)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import qbert
+
+    plan = Plan.load(args.plan)
+    model = load_model(args.model)
+    qbert.quantize(model, plan)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, QUANTIZED_FILE)
+    qbert.save_quantized(model, path)
+    print(size_table(model))
+    print(f"written: {path}")
+    return 0
+
+
+# What the commands report as one line and exit status 1: bad arguments, budgets, plans, models and data
+# (AllocationError, CalibrationError, PlanError and linear_format's errors are ValueErrors), missing files.
+ERRORS = (ValueError, OSError)
