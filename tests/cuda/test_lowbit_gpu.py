@@ -22,9 +22,7 @@ from qbert.ops._registry import backend_unavailable
 from qbert.ops.w4a8_linear import w4a8_linear_reference
 from tests._backends import assert_error_within
 from tests.cuda._nvcc import tool
-from tests.ops._lowbit import lowbit_operands
-from tests.ops.test_lowbit_linear import _truth_and_baseline
-from tests.ops.test_w4a8_linear import _truth
+from tests.ops._lowbit import lowbit_operands, lowbit_truth_and_baseline, w4a8_truth
 
 
 def _skip_reason() -> str | None:
@@ -44,7 +42,7 @@ SANITIZER = tool("compute-sanitizer")
 def _check_a16(args):
     with qbert.use_backend("cuda"):
         out = lowbit_linear(*args)
-    assert_error_within(out.cpu(), *_truth_and_baseline(*args))
+    assert_error_within(out.cpu(), *lowbit_truth_and_baseline(*args))
     return out
 
 
@@ -52,7 +50,7 @@ def _check_a8(args):
     with qbert.use_backend("cuda"):
         out = w4a8_linear(*args)
     cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
-    assert_error_within(out.cpu(), _truth(*args), w4a8_linear_reference(*cpu_args))
+    assert_error_within(out.cpu(), w4a8_truth(*args), w4a8_linear_reference(*cpu_args))
     return out
 
 
@@ -96,7 +94,7 @@ def test_unaligned_x_view():
 _SANITIZED = textwrap.dedent("""
     import torch, qbert
     from qbert.ops import lowbit_linear, w4a8_linear
-    from tests.ops._lowbit import lowbit_operands
+    from tests.ops._lowbit import lowbit_operands, lowbit_truth_and_baseline
     with qbert.use_backend("cuda"):
         for m, dtype in ((3, torch.float16), (40, torch.bfloat16), (9, torch.float32)):
             for n, k in ((13, 129), (256, 512)):

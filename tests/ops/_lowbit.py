@@ -6,7 +6,8 @@ import torch
 
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 from qbert.ops.w4a8_linear import signed_codes
-from qbert.quant.packing import pack
+from qbert.quant.lowbit import dequantize_lowbit
+from qbert.quant.packing import pack, unpack
 
 # (M, N, K, group_size): one-element, ragged sizes just past a tile, K groups of 32 / 64 / 128, one group
 # per row (group_size >= K, per-channel scales), and a BERT-base projection.
@@ -47,3 +48,15 @@ def w4a8_truth(x, w_packed, scales, zeros, bits, group_size, bias):
     if bias is not None:
         y = y + bias.double().cpu()
     return y
+
+
+def lowbit_truth_and_baseline(x, w_packed, scales, zeros, bits, group_size, bias):
+    """float64 math on the same codes, and PyTorch's same-dtype linear with the weight dequantized to it."""
+    k = x.shape[-1]
+    w = dequantize_lowbit(unpack(w_packed.cpu(), bits, k), scales.cpu(), None if zeros is None else zeros.cpu(),
+                          bits, group_size)
+    truth = x.double().cpu() @ w.double().T
+    if bias is not None:
+        truth = truth + bias.double().cpu()
+    same_dtype = torch.nn.functional.linear(x.cpu(), w.to(x.dtype), None if bias is None else bias.cpu())
+    return truth, same_dtype

@@ -7,19 +7,7 @@ from qbert.ops.lowbit_linear import lowbit_linear_reference
 from qbert.quant.lowbit import dequantize_lowbit
 from qbert.quant.packing import BITS_CHOICES, pack, unpack
 from tests._backends import assert_error_within, device_backends
-from tests.ops._lowbit import CASES, DTYPES, case_id, lowbit_operands
-
-
-def _truth_and_baseline(x, w_packed, scales, zeros, bits, group_size, bias):
-    """float64 math on the same codes, and PyTorch's same-dtype linear with the weight dequantized to it."""
-    k = x.shape[-1]
-    w = dequantize_lowbit(unpack(w_packed.cpu(), bits, k), scales.cpu(), None if zeros is None else zeros.cpu(),
-                          bits, group_size)
-    truth = x.double().cpu() @ w.double().T
-    if bias is not None:
-        truth = truth + bias.double().cpu()
-    same_dtype = torch.nn.functional.linear(x.cpu(), w.to(x.dtype), None if bias is None else bias.cpu())
-    return truth, same_dtype
+from tests.ops._lowbit import CASES, DTYPES, case_id, lowbit_operands, lowbit_truth_and_baseline
 
 
 def _skip_interpreter_bf16(device, backend, dtype):
@@ -39,7 +27,7 @@ def test_against_reference(device, backend, dtype, bits, case):
     with qbert.use_backend(backend):
         out = lowbit_linear(*args)
     assert out.dtype == dtype and out.shape == (case[0], case[1]) and out.device.type == device
-    assert_error_within(out.cpu(), *_truth_and_baseline(*args))
+    assert_error_within(out.cpu(), *lowbit_truth_and_baseline(*args))
 
 
 @pytest.mark.parametrize("device,backend", device_backends("lowbit_linear"))
@@ -49,7 +37,7 @@ def test_symmetric_codes_without_bias(device, backend, bits):
     args = lowbit_operands(9, 40, 96, 32, bits, torch.float32, device, symmetric=True, bias=False)
     with qbert.use_backend(backend):
         out = lowbit_linear(*args)
-    assert_error_within(out.cpu(), *_truth_and_baseline(*args))
+    assert_error_within(out.cpu(), *lowbit_truth_and_baseline(*args))
 
 
 def test_reference_matches_dequantized_float_linear():
