@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace qbert::cpu::lowbit {
@@ -57,15 +58,25 @@ inline int64_t chunks(int64_t K) { return (K + kPackChunk - 1) / kPackChunk; }
 // Codes 4q .. 4q+3 (q < kQuadsPerChunk) of one column's chunk as the four bytes of a word, low byte
 // first. `chunk` points at the column's word in the chunk's first row of w_packed; `ldw` = N.
 // For 3 bits the 2-bit and 1-bit slices are OR-ed byte-wise (no byte exceeds 7: no carries).
-template <int BITS>
-QBERT_ALWAYS_INLINE uint32_t four_codes(const int32_t* chunk, int64_t ldw, int q) {
-  uint32_t codes = 0;
+// Word = a GCC vector of uint32_t does the same for as many consecutive columns at once (memcpy: an
+// unaligned load of their words). An out-parameter, not a return value: GCC warns (-Wpsabi) about
+// generic functions that return vectors wider than baseline x86-64's registers.
+template <int BITS, class Word>
+QBERT_ALWAYS_INLINE void load_four_codes(const int32_t* chunk, int64_t ldw, int q, Word& codes) {
+  codes = Word{};
   for (int s = 0; s < num_slices(BITS); ++s) {
     const int width = slice_width(BITS, s), offset = slice_offset(BITS, s);
     const int quads_per_word = kQuadsPerChunk / width;  // a width-w word holds 32 / w codes
-    const uint32_t word = static_cast<uint32_t>(chunk[(offset + q / quads_per_word) * ldw]);
+    Word word;
+    std::memcpy(&word, chunk + (offset + q / quads_per_word) * ldw, sizeof word);
     codes |= ((word >> (width * (q % quads_per_word))) & byte_mask(width)) << offset;
   }
+}
+
+template <int BITS>
+QBERT_ALWAYS_INLINE uint32_t four_codes(const int32_t* chunk, int64_t ldw, int q) {
+  uint32_t codes;
+  load_four_codes<BITS>(chunk, ldw, q, codes);
   return codes;
 }
 

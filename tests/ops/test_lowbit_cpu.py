@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(bool(_ext.load_error()), reason="; ".join(_ext.l
 
 ISAS = ("scalar", "avx2", "avx_vnni", "avx512_vnni")
 
-# (M, N, K, group_size) around the blocks: lowbit_linear's 64 columns x 128 k panels and 6-row tiles;
+# (M, N, K, group_size) around the blocks: lowbit_linear's direct path (16 / 8 / 4 column vectors, 4- and
+# 2-row tiles) and its 64 columns x 128 k panels and 6-row tiles (the panels only at M past the direct path);
 # w4a8_linear's 48-column (AVX-512) and 16-column (256-bit) panels and 8- / 6-row tiles; K not a
 # multiple of the 4-k quad; one group wider than K; a single output column.
 CASES = [(1, 65, 129, 32), (7, 49, 257, 64), (9, 17, 130, 130), (13, 97, 160, 32), (6, 64, 128, 128),
@@ -59,6 +60,23 @@ def test_lowbit_linear_cpu(isa, case, bits, dtype):
     args = lowbit_operands(*case, bits, dtype, "cpu", symmetric=bits == 3)
     out = torch.ops.qbert.lowbit_linear_cpu(*args)
     assert out.dtype == dtype and out.shape == (case[0], case[1])
+    assert_error_within(out, _truth(*args), lowbit_linear_reference(*args))
+
+
+# lowbit_linear_cpu serves M <= max_direct_m with its direct path (codes decoded in registers) and larger
+# M with panels: M one below, at and one past that threshold, N ragged against both paths' column blocks
+# (64 and 16 columns), K against the 32-code chunk, one group per row or groups of 32.
+THRESHOLD_SHAPES = [(67, 161, 32), (13, 100, 100)]
+
+
+@pytest.mark.parametrize("bits", BITS_CHOICES, ids=lambda b: f"w{b}")
+@pytest.mark.parametrize("shape", THRESHOLD_SHAPES, ids=lambda s: "N{}-K{}-g{}".format(*s))
+@pytest.mark.parametrize("past_threshold", (-1, 0, 1), ids=lambda d: f"threshold{d:+d}")
+def test_lowbit_linear_cpu_across_the_direct_path_threshold(isa, past_threshold, shape, bits):
+    m = torch.ops.qbert.lowbit_linear_cpu_max_direct_m() + past_threshold
+    args = lowbit_operands(m, *shape, bits, torch.float32, "cpu", symmetric=bits == 3, bias=m % 2 == 1)
+    out = torch.ops.qbert.lowbit_linear_cpu(*args)
+    assert out.shape == (m, shape[0])
     assert_error_within(out, _truth(*args), lowbit_linear_reference(*args))
 
 
