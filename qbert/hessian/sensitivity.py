@@ -32,22 +32,14 @@ from qbert.hessian.eigen import top_eigenvalues
 from qbert.hessian.hvp import Batch, LossFn, module_weights
 from qbert.hessian.trace import TraceEstimate
 from qbert.nn.formats import LinearFormat
-from qbert.nn.qlinear import quantize_weight
-from qbert.quant.lowbit import dequantize_lowbit, expand_rows, quantize_lowbit
+from qbert.nn.qat import fake_quantize_weight
 
 
 def quantize_dequantize(weight: torch.Tensor, fmt: LinearFormat) -> torch.Tensor:
     """Q_b(W): the float32 weight [N, K] that a ``QLinear`` of format ``fmt`` made from ``weight`` stands for."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_dequantize: expected a weight [N, K], got shape {list(weight.shape)}")
-    w = weight.detach().float()
-    if not fmt.packed:
-        w_q, w_scale = quantize_weight(w)
-        return w_q.float() * w_scale[:, None]
-    n, k = w.shape
-    q = quantize_lowbit(w, fmt.scheme)
-    return dequantize_lowbit(q.codes, expand_rows(q.scale, n), expand_rows(q.zero, n), fmt.weight_bits,
-                             fmt.scheme.kernel_group_size(k))
+    return fake_quantize_weight(weight.detach().float(), fmt)
 
 
 def quantization_error(weight: torch.Tensor, fmt: LinearFormat) -> float:

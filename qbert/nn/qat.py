@@ -32,18 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbert import ops
-from qbert.models import family_of
 from qbert.nn.formats import LinearFormat, linear_format
 from qbert.nn.qlinear import QLinear
-from qbert.nn.quantize import (
-    SUMMARY_ATTR,
-    QuantizeSummary,
-    _linear_aliases,
-    _plan_choice,
-    _plan_layers,
-    _set_module,
-    _uniform_choice,
-)
+from qbert.nn.quantize import SUMMARY_ATTR, _set_module, swap_linears
 from qbert.quant.lowbit import dequantize_lowbit, expand_rows, quantize_lowbit
 
 QAT_SUMMARY_ATTR = "qbert_qat_summary"
@@ -140,39 +131,12 @@ def prepare_qat(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
     listed modules), with the same errors. A shared layer becomes one FakeQuantLinear at every name. The
     choice is recorded in ``model.qbert_qat_summary`` (a ``QuantizeSummary``). Train, then ``convert``.
     """
-    if isinstance(skip, str):
-        raise TypeError(f"prepare_qat: skip must be a sequence of patterns, got the string {skip!r} "
-                        f"(write skip=({skip!r},))")
-    if type(model) is nn.Linear:
-        raise TypeError("prepare_qat: the model itself is an nn.Linear and cannot be swapped in place; "
-                        "use qbert.nn.FakeQuantLinear.from_linear(linear, mode)")
     if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise ValueError("prepare_qat: the model already has FakeQuantLinear layers; convert it first")
-    family = family_of(model)
-    aliases = _linear_aliases(model)
-    plan = _plan_layers(mode)
-    if plan is None:
-        fmt = linear_format(mode, group_size=group_size, row_groups=row_groups, symmetric=symmetric)
-        chosen = _uniform_choice(aliases, fmt, family, tuple(skip), include_head)
-        label = fmt.describe()
-    else:
-        if (group_size, row_groups, symmetric) != (None, None, None) or skip or include_head:
-            raise ValueError("prepare_qat: a plan names every layer's format; group_size, row_groups, "
-                             "symmetric, skip and include_head apply to a single mode only")
-        chosen = _plan_choice(model, aliases, plan)
-        label = "plan"
-    swapped: list[str] = []
-    kept_float: dict[str, str] = {}
-    for key, (linear, names) in aliases.items():
-        fmt_or_reason = chosen[key]
-        if isinstance(fmt_or_reason, str):
-            kept_float.update({name: fmt_or_reason for name in names})
-            continue
-        fake = FakeQuantLinear.from_linear(linear, fmt_or_reason)
-        for name in names:
-            _set_module(model, name, fake)
-        swapped.extend(names)
-    setattr(model, QAT_SUMMARY_ATTR, QuantizeSummary(label, family.name, tuple(swapped), kept_float))
+    summary = swap_linears(model, mode, skip, include_head, group_size, row_groups, symmetric,
+                           FakeQuantLinear.from_linear, caller="prepare_qat",
+                           replacement="qbert.nn.FakeQuantLinear")
+    setattr(model, QAT_SUMMARY_ATTR, summary)
     return model
 
 

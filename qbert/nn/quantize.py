@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -74,12 +74,25 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
 
     The result is recorded in ``model.qbert_summary`` (a ``QuantizeSummary``).
     """
+    summary = swap_linears(model, mode, skip, include_head, group_size, row_groups, symmetric,
+                           QLinear.from_linear, caller="quantize", replacement="qbert.nn.QLinear")
+    setattr(model, SUMMARY_ATTR, summary)
+    return model
+
+
+def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: int | None,
+                 row_groups: int | None, symmetric: bool | None,
+                 build: Callable[[nn.Linear, LinearFormat], nn.Module], *, caller: str,
+                 replacement: str) -> QuantizeSummary:
+    """Put ``build(linear, format)`` in place of every ``nn.Linear`` that ``quantize``'s arguments select
+    (one module per shared layer, placed at each of its names; it keeps the Linear's training flag);
+    ``caller`` and ``replacement`` name the public function and the module class in error messages."""
     if isinstance(skip, str):
-        raise TypeError(f"quantize: skip must be a sequence of patterns, got the string {skip!r} "
+        raise TypeError(f"{caller}: skip must be a sequence of patterns, got the string {skip!r} "
                         f"(write skip=({skip!r},))")
     if type(model) is nn.Linear:
-        raise TypeError("quantize: the model itself is an nn.Linear and cannot be swapped in place; "
-                        "use qbert.nn.QLinear.from_linear(linear, mode)")
+        raise TypeError(f"{caller}: the model itself is an nn.Linear and cannot be swapped in place; "
+                        f"use {replacement}.from_linear(linear, mode)")
     family = family_of(model)
     aliases = _linear_aliases(model)
     plan = _plan_layers(mode)
@@ -89,9 +102,9 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
         label = fmt.describe()
     else:
         if (group_size, row_groups, symmetric) != (None, None, None) or skip or include_head:
-            raise ValueError("quantize: a plan names every layer's format; group_size, row_groups, symmetric, "
-                             "skip and include_head apply to a single mode only")
-        chosen = _plan_choice(model, aliases, plan)
+            raise ValueError(f"{caller}: a plan names every layer's format; group_size, row_groups, symmetric, "
+                             f"skip and include_head apply to a single mode only")
+        chosen = _plan_choice(model, aliases, plan, caller)
         label = "plan"
     swapped: list[str] = []
     kept_float: dict[str, str] = {}
@@ -100,13 +113,12 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
         if isinstance(fmt_or_reason, str):
             kept_float.update({name: fmt_or_reason for name in names})
             continue
-        qlinear = QLinear.from_linear(linear, fmt_or_reason)
-        qlinear.train(linear.training)
+        module = build(linear, fmt_or_reason)
+        module.train(linear.training)
         for name in names:
-            _set_module(model, name, qlinear)
+            _set_module(model, name, module)
         swapped.extend(names)
-    setattr(model, SUMMARY_ATTR, QuantizeSummary(label, family.name, tuple(swapped), kept_float))
-    return model
+    return QuantizeSummary(label, family.name, tuple(swapped), kept_float)
 
 
 def _plan_layers(mode) -> dict[str, LinearFormat] | None:
@@ -128,18 +140,18 @@ def _uniform_choice(aliases, fmt: LinearFormat, family, skip: tuple[str, ...], i
     return choice
 
 
-def _plan_choice(model: nn.Module, aliases, plan: dict[str, LinearFormat]) -> dict:
+def _plan_choice(model: nn.Module, aliases, plan: dict[str, LinearFormat], caller: str) -> dict:
     by_name = {name: key for key, (_, names) in aliases.items() for name in names}
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in plan:
         if name not in by_name:
             what = "no module" if name not in modules else f"a {type(modules[name]).__name__}, not an nn.Linear"
-            raise ValueError(f"quantize: the plan names {name!r}, which is {what} in {type(model).__name__}")
+            raise ValueError(f"{caller}: the plan names {name!r}, which is {what} in {type(model).__name__}")
     choice = {}
     for key, (_, names) in aliases.items():
         formats = {plan[name] for name in names if name in plan}
         if len(formats) > 1:
-            raise ValueError(f"quantize: the plan gives the shared layer {names} several formats: "
+            raise ValueError(f"{caller}: the plan gives the shared layer {names} several formats: "
                              f"{sorted(f.describe() for f in formats)}")
         choice[key] = formats.pop() if formats else "not in the plan"
     return choice
