@@ -273,6 +273,21 @@ class Result:
         return tuple(self.case.items())
 
 
+@dataclasses.dataclass
+class BenchOutput:
+    """What a suite's ``run`` returns: its rows, the run's metadata, the files written, the markdown table."""
+
+    results: list[Result]
+    meta: dict[str, Any]
+    paths: dict[str, Path]
+    markdown: str
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``"1,16,128"`` -> ``(1, 16, 128)`` (command-line lists)."""
+    return tuple(int(v) for v in text.split(",") if v)
+
+
 def attach_speedups(results: list[Result]) -> None:
     """Fill ``speedup`` of every timed row against every timed baseline of the same case."""
     baselines: dict[tuple, list[Result]] = {}

@@ -336,18 +336,10 @@ def hf_bigbird_row(case, random_blocks, copies, device, timing, flops, timed) ->
 
 # ---- the suite ------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class BenchOutput:
-    results: list[H.Result]
-    meta: dict[str, Any]
-    paths: dict[str, Path]
-    markdown: str
-
-
 def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAULT_THREADS,
         seqs: tuple[int, ...] | None = None, batches: tuple[int, ...] | None = None,
         densities: tuple[float, ...] | None = None, backends: list[str] | None = None,
-        device: torch.device | None = None, progress: bool = True) -> BenchOutput:
+        device: torch.device | None = None, progress: bool = True) -> H.BenchOutput:
     device = device or H.default_device()
     H.set_threads(threads)
     cuda = device.type == "cuda"
@@ -378,7 +370,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
     plot = plot_speedups(results, paths["md"].with_suffix(".png"))
     if plot is not None:
         paths["png"] = plot
-    return BenchOutput(results, meta, paths, paths["md"].read_text())
+    return H.BenchOutput(results, meta, paths, paths["md"].read_text())
 
 
 def plot_speedups(results: list[H.Result], path: Path) -> Path | None:
@@ -432,7 +424,7 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v)
 
 
-def main(argv: list[str] | None = None) -> BenchOutput:
+def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny cases, few repeats (seconds)")
     parser.add_argument("--out", type=Path, default=None,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from qbert.benchmarks import _harness as H
-from qbert.benchmarks.bench_int8_linear import BenchOutput, add_arguments
+from qbert.benchmarks.bench_int8_linear import add_arguments
 from tqdm import tqdm
 
 from qbert.ops._registry import BACKENDS
@@ -74,7 +74,7 @@ def variants(model: torch.nn.Module, device: torch.device) -> list[tuple[str, bo
 
 
 def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAULT_THREADS,
-        device: torch.device | None = None, progress: bool = True) -> BenchOutput:
+        device: torch.device | None = None, progress: bool = True) -> H.BenchOutput:
     device = device or H.default_device()
     H.set_threads(threads)
     seq_len, batches = (SMOKE_SEQ_LEN, SMOKE_BATCHES) if smoke else (SEQ_LEN, BATCHES)
@@ -124,10 +124,10 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
                          backends=list(BACKENDS), ao_engine=AO_ENGINE,
                          ao_weights="per-channel int8, per-tensor dynamic activations")
     paths = H.write_reports(results, meta, out_dir, device, time_unit="ms")
-    return BenchOutput(results, meta, paths, paths["md"].read_text())
+    return H.BenchOutput(results, meta, paths, paths["md"].read_text())
 
 
-def main(argv: list[str] | None = None) -> BenchOutput:
+def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,18 +174,10 @@ def run_case(shape: LinearShape, m: int, device: torch.device, backends: list[st
 
 # ---- the suite ------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class BenchOutput:
-    results: list[H.Result]
-    meta: dict[str, Any]
-    paths: dict[str, Path]
-    markdown: str
-
-
 def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAULT_THREADS,
         m_values: tuple[int, ...] | None = None, backends: list[str] | None = None,
         shapes: tuple[LinearShape, ...] | None = None, device: torch.device | None = None,
-        progress: bool = True) -> BenchOutput:
+        progress: bool = True) -> H.BenchOutput:
     device = device or H.default_device()
     H.set_threads(threads)
     shapes = shapes or (SMOKE_SHAPES if smoke else LINEAR_SHAPES + LLM_SHAPES)
@@ -213,17 +204,13 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
     plot = plot_speedups(results, paths["md"].with_suffix(".png"))
     if plot is not None:
         paths["png"] = plot
-    return BenchOutput(results, meta, paths, paths["md"].read_text())
+    return H.BenchOutput(results, meta, paths, paths["md"].read_text())
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v)
-
-
-def main(argv: list[str] | None = None) -> BenchOutput:
+def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    parser.add_argument("--m", type=_int_list, default=None, help="comma-separated token counts M")
+    parser.add_argument("--m", type=H.int_list, default=None, help="comma-separated token counts M")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
                         help=f"qbert backends to time (default all of {','.join(BACKENDS)})")
     parser.add_argument("--bert-only", action="store_true", help="skip the large LLM-style shapes")

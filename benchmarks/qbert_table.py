@@ -54,7 +54,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from qbert.benchmarks import _harness as H
-from qbert.benchmarks.bench_int8_linear import BenchOutput
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -629,7 +628,7 @@ def as_harness_results(results: list[RowResult]) -> list[H.Result]:
 # ---- driver ---------------------------------------------------------------------------------------
 
 def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAULT_THREADS,
-        cache: Path | None = None, rows: list[str] | None = None, progress: bool = True) -> BenchOutput:
+        cache: Path | None = None, rows: list[str] | None = None, progress: bool = True) -> H.BenchOutput:
     settings = SMOKE if smoke else FULL
     out_dir = Path(out_dir) if out_dir is not None else (H.SMOKE_RESULTS_DIR if smoke else H.DEFAULT_RESULTS_DIR)
     cache = Path(cache) if cache is not None else DEFAULT_CACHE
@@ -666,10 +665,10 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
                          fp32_training=fp32_record, hessian_seconds=trace_seconds,
                          wall_seconds=time.perf_counter() - started)
     paths, text = write(results, meta, out_dir)
-    return BenchOutput(as_harness_results(results), meta, paths, text)
+    return H.BenchOutput(as_harness_results(results), meta, paths, text)
 
 
-def main(argv: list[str] | None = None) -> BenchOutput:
+def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few articles, one step of everything (seconds)")
     parser.add_argument("--out", type=Path, default=None,

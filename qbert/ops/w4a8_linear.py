@@ -20,6 +20,7 @@ import torch
 from qbert.ops import _checks
 from qbert.ops._registry import op
 from qbert.ops.int8_gemm import int8_gemm_reference
+from qbert.ops.lowbit_linear import cuda_supports
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 from qbert.quant.lowbit import implicit_zero
 from qbert.quant.packing import unpack
@@ -97,11 +98,4 @@ def _cuda(x, w_packed, scales, zeros, bits, group_size, bias):
     return torch.ops.qbert.w4a8_linear_cuda(x, w_packed, scales, zeros, bits, group_size, bias)
 
 
-def _cuda_supports(x, w_packed, scales, zeros, bits, group_size, bias) -> list[str]:
-    # mma.sync m16n8k16 / m16n8k32 and cp.async need sm_80 (csrc/cuda/lowbit_linear).
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return [f"needs compute capability 8.0+, got {torch.cuda.get_device_capability(x.device)}"]
-    return []
-
-
-_OP.register("cuda", _cuda, _cuda_supports)
+_OP.register("cuda", _cuda, cuda_supports)

@@ -16,26 +16,21 @@ the compiles run in a subprocess without TRITON_INTERPRET, which also keeps Trit
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
-import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
 from tests.kernels.test_triton_aot import (
-    _RESULT_MARKER,
     _WARPGROUP_WARPS,
     _WGMMA_ROWS,
     ARCHS,
     MAX_SHARED_BYTES,
-    ROOT,
-    _environment_skip_reason,
     _has,
     _mma_float,
     _wgmma_float,
+    compile_cases,
+    compile_in_subprocess,
 )
 
 # ~120 compiles: a few minutes cold on the 2-core CPU machines, seconds from Triton's cache.
@@ -152,26 +147,14 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def _compile_all() -> list[dict]:
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(_compile, _cases()))
+    return compile_cases(_compile, _cases())
 
 
 # ---- the test side ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    reason = _environment_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    code = ("import json; from tests.kernels.test_block_sparse_aot import _compile_all, _RESULT_MARKER; "
-            "print(_RESULT_MARKER + json.dumps(_compile_all()))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARKER)]
-    assert proc.returncode == 0 and lines, f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len(_RESULT_MARKER):])
+    return compile_in_subprocess("tests.kernels.test_block_sparse_aot")
 
 
 def _describe(result: dict) -> str:

@@ -20,13 +20,9 @@ helpers and limits this file shares).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
-import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,19 +32,19 @@ from tests.kernels.test_triton_aot import (
     _WGMMA_S8,
     ARCHS,
     MAX_SHARED_BYTES,
-    ROOT,
     _describe,
-    _environment_skip_reason,
     _has,
     _mma_float,
     _takes_wgmma,
     _wgmma_float,
+    by_family,
+    compile_cases,
+    compile_in_subprocess,
 )
 
 # ~100 compiles: about a minute cold on the CPU machines, seconds from Triton's cache.
 pytestmark = pytest.mark.slow
 
-_RESULT_MARKER = "LOWBIT-AOT-RESULTS:"
 # Int arguments the JIT marks divisible by 16 for BERT shapes (N, K, group sizes 64 / 128 / K); M is free.
 _ALIGNED_INTS = ("N", "K", "group_size", "stride_xm", "stride_cs", "stride_cm")
 # A K long enough that group_size 32 is a real grouping (the launcher then shrinks BLOCK_K to 32).
@@ -138,8 +134,7 @@ def _spill_bytes(ptx: str, arch: int) -> int:
 
 
 def _compile_all() -> list[dict]:
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(_compile, _cases()))
+    return compile_cases(_compile, _cases())
 
 
 # ---- the test side ---------------------------------------------------------------------------------
@@ -147,21 +142,7 @@ def _compile_all() -> list[dict]:
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, list[dict]]:
     """Every case compiled once, grouped by family: {family: [result per (config, arch)]}."""
-    reason = _environment_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    code = ("import json; from tests.kernels.test_lowbit_aot import _compile_all, _RESULT_MARKER; "
-            "print(_RESULT_MARKER + json.dumps(_compile_all()))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARKER)]
-    assert proc.returncode == 0 and lines, f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}"
-    results: dict[str, list[dict]] = {}
-    for result in json.loads(lines[-1][len(_RESULT_MARKER):]):
-        results.setdefault(result["family"], []).append(result)
-    return results
+    return by_family(compile_in_subprocess("tests.kernels.test_lowbit_aot"))
 
 
 def _at(results: list[dict], arch: int) -> list[dict]:

@@ -118,10 +118,14 @@ def _compile(case: dict) -> dict:
     return dict(case, shared=kernel.metadata.shared, opcodes=opcodes, immediates=immediates)
 
 
-def _compile_all() -> list[dict]:
-    cases = _gemm_cases() + _quantize_cases()
+def compile_cases(compile_one, cases: list[dict]) -> list[dict]:
+    """``compile_one(case)`` for every case, in parallel worker processes (used by every AOT test module)."""
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(_compile, cases))
+        return list(pool.map(compile_one, cases))
+
+
+def _compile_all() -> list[dict]:
+    return compile_cases(_compile, _gemm_cases() + _quantize_cases())
 
 
 # ---- the test side ---------------------------------------------------------------------------------
@@ -137,24 +141,34 @@ def _environment_skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def compiled() -> dict[str, list[dict]]:
-    """Every case compiled once, grouped by family: {family: [result per (config, arch)]}."""
+def compile_in_subprocess(module: str) -> list[dict]:
+    """The results of ``<module>._compile_all()`` run in a fresh interpreter without TRITON_INTERPRET (Triton
+    picks interpreting or compiling when a kernel is decorated); skips when nothing can be compiled here."""
     reason = _environment_skip_reason()
     if reason:
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    code = ("import json; from tests.kernels.test_triton_aot import _compile_all, _RESULT_MARKER; "
-            "print(_RESULT_MARKER + json.dumps(_compile_all()))")
+    code = (f"import json; from {module} import _compile_all; "
+            f"print({_RESULT_MARKER!r} + json.dumps(_compile_all()))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARKER)]
     assert proc.returncode == 0 and lines, f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}"
-    results: dict[str, list[dict]] = {}
-    for result in json.loads(lines[-1][len(_RESULT_MARKER):]):
-        results.setdefault(result["family"], []).append(result)
-    return results
+    return json.loads(lines[-1][len(_RESULT_MARKER):])
+
+
+def by_family(results: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for result in results:
+        grouped.setdefault(result["family"], []).append(result)
+    return grouped
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, list[dict]]:
+    """Every case compiled once, grouped by family: {family: [result per (config, arch)]}."""
+    return by_family(compile_in_subprocess("tests.kernels.test_triton_aot"))
 
 
 def _describe(result: dict) -> str:
