@@ -43,16 +43,20 @@ include_dirs = [str(ROOT / "csrc")]
 
 if with_cuda:
     archs = os.environ.get("QBERT_CUDA_ARCHS", "8.0;9.0a").split(";")
+    # Recorded in build_info so the cuda backend can refuse a GPU this build has no machine code for.
+    cxx_flags.append(f'-DQBERT_CUDA_ARCHS="{";".join(archs)}"')
     gencode = []
     for arch in archs:
         sm = arch.replace(".", "")
         gencode += ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
+    # The int8 GEMM plan may pick the wgmma kernel only when sm_90a machine code is built.
+    sm90a = ["-DQBERT_SM90A=1"] if "9.0a" in archs else []
     ext = CUDAExtension(
         "qbert._C",
         cpu_sources + cuda_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                                        f"-DQBERT_WITH_CUDA=1", *gencode]},
+                                                        f"-DQBERT_WITH_CUDA=1", *sm90a, *gencode]},
     )
     print(f"qbert: building CPU and CUDA kernels for {', '.join(archs)}")
 else:

@@ -10,6 +10,9 @@
 #ifndef QBERT_WITH_CUDA
 #define QBERT_WITH_CUDA 0
 #endif
+#ifndef QBERT_CUDA_ARCHS
+#define QBERT_CUDA_ARCHS ""  // semicolon-separated, e.g. "8.0;9.0a" (setup.py sets it in CUDA builds)
+#endif
 
 // The backend ops live in the qbert namespace beside the public ones defined in Python:
 // qbert::<op>_cpu, qbert::<op>_cuda.
@@ -20,6 +23,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     pybind11::dict info;
     info["with_cuda"] = bool(QBERT_WITH_CUDA);
+    info["cuda_archs"] = std::string(QBERT_CUDA_ARCHS);
     info["torch"] = TORCH_VERSION;
 #if defined(__clang__)
     info["compiler"] = std::string("clang ") + __clang_version__;

@@ -1,0 +1,105 @@
+// add_layernorm_quantize_cuda / quantize_per_token_cuda: the torch-facing launchers of
+// row_quantize_kernel.cuh. Specs: qbert/ops/add_layernorm_quantize.py and qbert/ops/quantize_per_token.py
+// (the Python entry points check the inputs with full messages first; these checks guard direct calls of
+// the backend ops).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "common/checks.h"
+#include "cuda/row_quantize/row_quantize_kernel.cuh"
+
+namespace qbert::cuda::row_quantize {
+namespace {
+
+void check_x(const char* op, const at::Tensor& x) {
+  QBERT_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got ", x.device());
+  QBERT_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              op, "x must be Float, Half or BFloat16, got ", x.scalar_type());
+  QBERT_CHECK_DIM(x, 2, op);
+  QBERT_CHECK_CONTIGUOUS(x, op);
+  QBERT_CHECK(x.size(1) >= 1, op, "x must have K >= 1, got shape ", x.sizes());
+  // Params holds int sizes (rows are indexed with size_t).
+  QBERT_CHECK(x.size(0) <= std::numeric_limits<int>::max() && x.size(1) <= std::numeric_limits<int>::max(), op,
+              "M and K must fit int32, got x of shape ", x.sizes());
+}
+
+void check_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& x) {
+  QBERT_CHECK(at::isFloatingType(p.scalar_type()), op, name, " must be a float tensor, got ", p.scalar_type());
+  QBERT_CHECK(p.dim() == 1 && p.size(0) == x.size(1), op, name, " must have shape [K=", x.size(1), "], got ",
+              p.sizes());
+  QBERT_CHECK(p.device() == x.device(), op, name, " must be on x's device ", x.device(), ", got ", p.device());
+}
+
+cudaError_t launch(at::ScalarType dtype, const Params& p, cudaStream_t stream) {
+  switch (dtype) {
+    case at::kFloat: return launch_row_quantize<float>(p, stream);
+    case at::kHalf: return launch_row_quantize<__half>(p, stream);
+    default: return launch_row_quantize<__nv_bfloat16>(p, stream);  // check_x admits nothing else
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_quantize_cuda(const at::Tensor& x,
+                                                                           const std::optional<at::Tensor>& residual,
+                                                                           const at::Tensor& weight,
+                                                                           const std::optional<at::Tensor>& bias,
+                                                                           double eps) {
+  constexpr const char* op = "add_layernorm_quantize_cuda";
+  check_x(op, x);
+  if (residual) {
+    QBERT_CHECK(residual->scalar_type() == x.scalar_type() && residual->sizes() == x.sizes(), op,
+                "residual must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+                residual->sizes(), " ", residual->scalar_type());
+    QBERT_CHECK(residual->device() == x.device(), op, "residual must be on x's device ", x.device(), ", got ",
+                residual->device());
+    QBERT_CHECK(residual->is_contiguous(), op, "residual must be contiguous, got strides ", residual->strides());
+  }
+  check_param(op, "weight", weight, x);
+  if (bias) check_param(op, "bias", *bias, x);
+  QBERT_CHECK(eps > 0, op, "eps must be > 0, got ", eps);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  // [K] each: the kernel reads f32 parameters (no copy when they already are contiguous f32).
+  const at::Tensor weight_f32 = weight.to(at::kFloat).contiguous();
+  const at::Tensor bias_f32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, K}, x.options());
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const Params p{x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight_f32.data_ptr<float>(),
+                 bias ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr(), q.data_ptr<int8_t>(),
+                 scale.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K), static_cast<float>(eps)};
+  C10_CUDA_CHECK(launch(x.scalar_type(), p, c10::cuda::getCurrentCUDAStream()));
+  return {y, q, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) {
+  check_x("quantize_per_token_cuda", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const Params p{x.data_ptr(), nullptr, nullptr, nullptr, nullptr, q.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                 static_cast<int>(M), static_cast<int>(K), 0.f};
+  C10_CUDA_CHECK(launch(x.scalar_type(), p, c10::cuda::getCurrentCUDAStream()));
+  return {q, scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qbert, m) {
+  m.def("add_layernorm_quantize_cuda(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("quantize_per_token_cuda(Tensor x) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(qbert, CUDA, m) {
+  m.impl("add_layernorm_quantize_cuda", &add_layernorm_quantize_cuda);
+  m.impl("quantize_per_token_cuda", &quantize_per_token_cuda);
+}
+
+}  // namespace qbert::cuda::row_quantize
