@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
+from qbert.ops._cuda import tensor_supports
 from qbert.ops._registry import op
 from qbert.quant.int8 import INT8_GEMM_MAX_K
 
@@ -67,6 +68,11 @@ def _triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return int8_gemm_triton(a, b)
 
 
+def _cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.ops.qbert.int8_gemm_cuda(a, b)
+
+
 _OP.register("reference", int8_gemm_reference)
 _OP.register("cpu", _cpu)
 _OP.register("triton", _triton)
+_OP.register("cuda", _cuda, tensor_supports)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
+from qbert.ops._cuda import tensor_supports
 from qbert.ops._registry import op, triton_interpreter
 from qbert.quant.lowbit import dequantize_lowbit
 from qbert.quant.packing import BITS_CHOICES, unpack
@@ -82,12 +83,4 @@ def _cuda(x, w_packed, scales, zeros, bits, group_size, bias):
     return torch.ops.qbert.lowbit_linear_cuda(x, w_packed, scales, zeros, bits, group_size, bias)
 
 
-def cuda_supports(x, *args) -> list[str]:
-    """Reasons the CUDA low-bit kernels (``lowbit_linear`` and ``w4a8_linear``) refuse ``x``'s device."""
-    # mma.sync m16n8k16 / m16n8k32 and cp.async need sm_80 (csrc/cuda/lowbit_linear).
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return [f"needs compute capability 8.0+, got {torch.cuda.get_device_capability(x.device)}"]
-    return []
-
-
-_OP.register("cuda", _cuda, cuda_supports)
+_OP.register("cuda", _cuda, tensor_supports)

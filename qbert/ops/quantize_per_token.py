@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
+from qbert.ops._cuda import tensor_supports
 from qbert.ops._registry import op
 from qbert.quant.int8 import INT8_QMAX
 
@@ -44,7 +45,9 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / INT8_QMAX, torch.ones_like(amax))
+    # Divide by a tensor, not the Python number: PyTorch's CUDA kernel turns division by a scalar into a
+    # multiplication by its reciprocal, which can differ by an ulp; tensor division is IEEE on every device.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, INT8_QMAX), torch.ones_like(amax))
     q = torch.round(xf / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return q, scale
 
@@ -59,6 +62,11 @@ def _triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token_triton(x)
 
 
+def _cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.qbert.quantize_per_token_cuda(x)
+
+
 _OP.register("reference", quantize_per_token_reference)
 _OP.register("cpu", _cpu)
 _OP.register("triton", _triton)
+_OP.register("cuda", _cuda, tensor_supports)  # csrc/cuda/row_quantize: any K

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
+from qbert.ops._cuda import tensor_supports
 from qbert.ops._registry import op
 from qbert.ops.int8_gemm import int8_gemm_reference
-from qbert.ops.lowbit_linear import cuda_supports
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 from qbert.quant.lowbit import implicit_zero
 from qbert.quant.packing import unpack
@@ -98,4 +98,4 @@ def _cuda(x, w_packed, scales, zeros, bits, group_size, bias):
     return torch.ops.qbert.w4a8_linear_cuda(x, w_packed, scales, zeros, bits, group_size, bias)
 
 
-_OP.register("cuda", _cuda, cuda_supports)
+_OP.register("cuda", _cuda, tensor_supports)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
+from qbert.ops._cuda import tensor_supports
 from qbert.ops._registry import op
 from qbert.ops.int8_linear import int8_linear_reference
 from qbert.ops.quantize_per_token import quantize_per_token_reference
@@ -59,6 +60,12 @@ def _triton(x, w_q, w_scale, bias):
     return int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, x.dtype)
 
 
+def _cuda(x, w_q, w_scale, bias):
+    x_q, x_scale = torch.ops.qbert.quantize_per_token_cuda(x)
+    return torch.ops.qbert.int8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, x.dtype, "none")
+
+
 _OP.register("reference", w8a8_linear_reference)
 _OP.register("cpu", _cpu)
 _OP.register("triton", _triton)
+_OP.register("cuda", _cuda, tensor_supports)

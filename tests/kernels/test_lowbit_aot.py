@@ -21,9 +21,6 @@ helpers and limits this file shares).
 from __future__ import annotations
 
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -40,6 +37,7 @@ from tests.kernels.test_triton_aot import (
     by_family,
     compile_cases,
     compile_in_subprocess,
+    spill_bytes,
 )
 
 # ~100 compiles: about a minute cold on the CPU machines, seconds from Triton's cache.
@@ -116,21 +114,8 @@ def _compile(case: dict) -> dict:
         # Name the case: the parent shows this subprocess's stderr when the compile fails.
         raise RuntimeError(f"AOT compile failed for {case}") from error
     opcodes = sorted(set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", kernel.asm["ptx"], flags=re.MULTILINE)))
-    return dict(case, shared=kernel.metadata.shared, opcodes=opcodes, spilled=_spill_bytes(kernel.asm["ptx"],
+    return dict(case, shared=kernel.metadata.shared, opcodes=opcodes, spilled=spill_bytes(kernel.asm["ptx"],
                                                                                           case["arch"]))
-
-
-def _spill_bytes(ptx: str, arch: int) -> int:
-    """Bytes of register spill stores in ptxas' -v report (sm_90a: wgmma needs the arch-specific target)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "kernel.ptx"
-        source.write_text(ptx)
-        report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
-                                 str(source), "-o", str(Path(tmp) / "kernel.cubin")],
-                                capture_output=True, text=True, check=True).stderr
-    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
 
 
 def _compile_all() -> list[dict]:

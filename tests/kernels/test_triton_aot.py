@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -249,3 +250,16 @@ def test_quantize_divides_ieee_and_rounds_half_even(compiled, arch, dtype):
     for value in (magic, -magic):
         immediate = "0f" + struct.pack(">f", value).hex().upper()
         assert immediate in result["immediates"], f"round_half_even's {value:+g} ({immediate}) was folded away"
+
+
+def spill_bytes(ptx: str, arch: int) -> int:
+    """Bytes of register spill stores in ptxas' -v report (sm_90a: wgmma needs the arch-specific target)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
+                                 str(source), "-o", str(Path(tmp) / "kernel.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))

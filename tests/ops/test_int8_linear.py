@@ -35,6 +35,31 @@ def test_against_reference(device, backend, out_dtype, bias_dtype, m, n, k):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("device,backend", device_backends("int8_linear"))
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("m,n,k", [(7, 13, 129), (64, 3072, 768)], ids=lambda v: str(v))
+def test_gelu_against_reference(device, backend, out_dtype, m, n, k):
+    # Tier: same math in float; the GELU runs on the float32 y before the rounding to out_dtype. A GPU
+    # erff may differ from torch's in the last float32 ulp, which the default tolerance covers.
+    x_q, x_scale, w_q, w_scale, bias = _operands(m, n, k, device, torch.float32)
+    with qbert.use_backend(backend):
+        if backend == "triton":
+            with pytest.raises(qbert.BackendError, match="the Triton epilogue has no 'gelu' activation"):
+                int8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype, activation="gelu")
+            return
+        out = int8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype, activation="gelu")
+    expected = int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype, "gelu")
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    torch.testing.assert_close(out, expected)
+    unfused = torch.nn.functional.gelu(int8_linear_reference(x_q, x_scale, w_q, w_scale, bias, torch.float32))
+    torch.testing.assert_close(out, unfused.to(out_dtype))
+
+
+def test_activation_error():
+    with pytest.raises(ValueError, match=r"int8_linear: activation must be one of \('none', 'gelu'\), got 'tanh'"):
+        int8_linear(*_operands(7, 13, 64, "cpu", None), activation="tanh")
+
+
 def test_leading_dims_and_default_dtype():
     x = torch.randn(2, 3, 64)
     w_q = int8_codes(16, 64, generator=torch.Generator().manual_seed(0))

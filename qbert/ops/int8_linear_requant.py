@@ -1,0 +1,71 @@
+"""int8_linear_requant: a W8A8 linear layer whose output is int8 again, for the next int8 GEMM.
+
+The epilogue dequantizes, adds the bias, applies the activation and re-quantizes each output row (token)
+with its own scale, so a layer that feeds another W8A8 layer (BERT's FFN up-projection + GELU feeding the
+down-projection) never writes or reads its float output. The per-token scale needs the max over the
+whole output row, which a GPU kernel gathers across the column tiles of that row inside the epilogue.
+
+Math (the reference below is the specification):
+    y          = act((float(x_q @ w_q.T) * x_scale[:, None]) * w_scale + bias)   (float32, as int8_linear
+                                                                                  with out_dtype=float32)
+    y_q, y_scale = quantize_per_token(y)      (y_scale[m] = max_n |y[m, n]| / 127, codes round half to even)
+Shapes: x_q int8 [..., K]; x_scale float32 [...]; w_q int8 [N, K]; w_scale float32 [N]; bias [N] (any
+float dtype) or None; activation "none" or "gelu" -> (y_q int8 [..., N], y_scale float32 [...]).
+All contiguous, on one device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qbert.ops._cuda import tensor_supports
+from qbert.ops._registry import op
+from qbert.ops.int8_linear import apply_activation, check_int8_linear, int8_linear_float32
+from qbert.ops.quantize_per_token import quantize_per_token_reference
+
+NAME = "int8_linear_requant"
+_OP = op(NAME)
+
+
+def _check(x_q, x_scale, w_q, w_scale, bias, activation) -> None:
+    check_int8_linear(NAME, x_q, x_scale, w_q, w_scale, bias, activation)
+
+
+@torch.library.custom_op("qbert::int8_linear_requant", mutates_args=())
+def int8_linear_requant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None,
+                        activation: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_per_token(act(int8_linear(x_q, x_scale, w_q, w_scale, bias)))``; returns
+    ``(y_q int8 [..., N], y_scale float32 [...])``."""
+    _check(x_q, x_scale, w_q, w_scale, bias, activation)
+    lead = x_q.shape[:-1]
+    y_q, y_scale = _OP(x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1), w_q, w_scale, bias, activation)
+    return y_q.view(*lead, w_q.shape[0]), y_scale.view(lead)
+
+
+@int8_linear_requant.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias=None, activation="none"):
+    _check(x_q, x_scale, w_q, w_scale, bias, activation)
+    lead = x_q.shape[:-1]
+    return x_q.new_empty((*lead, w_q.shape[0])), x_q.new_empty(lead, dtype=torch.float32)
+
+
+def int8_linear_requant_reference(x_q, x_scale, w_q, w_scale, bias, activation):
+    return quantize_per_token_reference(
+        apply_activation(int8_linear_float32(x_q, x_scale, w_q, w_scale, bias), activation))
+
+
+def _cpu(x_q, x_scale, w_q, w_scale, bias, activation):
+    # The C++ int8 GEMM gives the exact float32 y (its epilogue rounds like the reference); the activation
+    # and the quantizer then run on it, so the result equals the reference bit for bit.
+    y = torch.ops.qbert.int8_linear_cpu(x_q, x_scale, w_q, w_scale, bias, torch.float32)
+    return torch.ops.qbert.quantize_per_token_cpu(apply_activation(y, activation))
+
+
+def _cuda(x_q, x_scale, w_q, w_scale, bias, activation):
+    return torch.ops.qbert.int8_linear_requant_cuda(x_q, x_scale, w_q, w_scale, bias, activation)
+
+
+_OP.register("reference", int8_linear_requant_reference)
+_OP.register("cpu", _cpu)
+_OP.register("cuda", _cuda, tensor_supports)
