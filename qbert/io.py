@@ -37,6 +37,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from qbert.nn.formats import INT8_MODES, LinearFormat
+from qbert.nn.fused import fuse
 from qbert.nn.qlinear import QLinear
 from qbert.ops._checks import FLOAT_DTYPES
 
@@ -157,6 +158,7 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     except RuntimeError as exc:
         raise QuantizedFileError(f"load_quantized: {path}: the tensors do not match the model rebuilt "
                                  f"from the file's metadata: {exc}") from exc
+    fuse(model)  # as qbert.quantize does by default; the fused modules keep every parameter's name
     return model.eval()
 
 

@@ -15,12 +15,23 @@ from dataclasses import dataclass
 class Family:
     """name: the family; model_types: the ``config.model_type`` values it covers;
     heads: task-head patterns (left in float unless ``include_head=True``);
-    keep_float: patterns always left in float, with the reason in the family's module docstring."""
+    keep_float: patterns always left in float, with the reason in the family's module docstring.
+
+    The fused W8A8 chain (``qbert.nn.fused``) replaces modules by class name:
+    add_norm: classes computing ``LayerNorm(dropout(dense(x)) + residual)`` (attributes dense, dropout,
+    LayerNorm; forward(hidden_states, input_tensor)); intermediate: classes computing
+    ``intermediate_act_fn(dense(x))``; embeddings: classes whose ``LayerNorm`` output feeds the encoder;
+    embeddings_consumers: where that output goes, as paths relative to the embeddings' parent (the first
+    that exists is the consumer)."""
 
     name: str
     model_types: tuple[str, ...]
     heads: tuple[str, ...]
     keep_float: tuple[str, ...] = ()
+    add_norm: tuple[str, ...] = ()
+    intermediate: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ()
+    embeddings_consumers: tuple[str, ...] = ()
 
 
 def ancestry(name: str) -> list[str]:

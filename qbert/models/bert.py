@@ -7,4 +7,6 @@ Heads: ``cls`` (MLM ``predictions`` with the decoder tied to the word embeddings
 
 from qbert.models._family import Family
 
-FAMILY = Family("bert", model_types=("bert",), heads=("cls", "classifier", "qa_outputs"))
+FAMILY = Family("bert", model_types=("bert",), heads=("cls", "classifier", "qa_outputs"),
+                add_norm=("BertSelfOutput", "BertOutput"), intermediate=("BertIntermediate",),
+                embeddings=("BertEmbeddings",), embeddings_consumers=("encoder.layer.0.attention.self.query",))

@@ -7,4 +7,6 @@ Linear for tokens / multiple choice), ``qa_outputs``.
 
 from qbert.models._family import Family
 
-FAMILY = Family("roberta", model_types=("roberta",), heads=("lm_head", "classifier", "qa_outputs"))
+FAMILY = Family("roberta", model_types=("roberta",), heads=("lm_head", "classifier", "qa_outputs"),
+                add_norm=("RobertaSelfOutput", "RobertaOutput"), intermediate=("RobertaIntermediate",),
+                embeddings=("RobertaEmbeddings",), embeddings_consumers=("encoder.layer.0.attention.self.query",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from qbert.models import family_of
 from qbert.models._family import first_match
+from qbert.nn import fused
 from qbert.nn.formats import LinearFormat, linear_format
 from qbert.nn.qlinear import QLinear
 
@@ -23,12 +25,14 @@ class QuantizeSummary:
     kept_float: name -> why that ``nn.Linear`` stayed in float (``"head"``, ``"skip: <pattern>"``, ...).
     mode: ``LinearFormat.describe()`` of the one format used (``"w8a8"``, ``"w4a16 g128 asym"``), or
         ``"plan"`` when a plan chose per layer (each QLinear's ``format`` says which).
+    fused: names of the modules now running the fused W8A8 chain (``qbert.nn.fused``).
     """
 
     mode: str
     family: str
     swapped: tuple[str, ...]
     kept_float: dict[str, str] = field(default_factory=dict)
+    fused: tuple[str, ...] = ()
 
 
 def _linear_aliases(model: nn.Module) -> dict[int, tuple[nn.Linear, list[str]]]:
@@ -48,7 +52,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
              skip: tuple[str, ...] | list[str] = (), include_head: bool = False, *,
              group_size: int | None = None, row_groups: int | None = None,
-             symmetric: bool | None = None) -> nn.Module:
+             symmetric: bool | None = None, fuse: bool = True) -> nn.Module:
     """Swap ``model``'s ``nn.Linear`` layers for ``qbert.nn.QLinear`` in place and return ``model``.
 
     mode: one format for every layer -- a mode name (``"w8a8"``, ``"w8a16"``, ``"w4a16"``, ``"w3a16"``,
@@ -62,6 +66,11 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
         matches a module also covers everything below it (``"bert.encoder.layer.0"``).
     include_head: also quantize the task heads (classifier, QA, MLM heads, ...). Heads come from the
         family glue in ``qbert.models``; tied MLM decoders are heads, so they stay float by default.
+    fuse: install the fused W8A8 chain (``qbert.nn.fused``) where the layers are w8a8 and the family
+        supports it (BERT, MiniLM, RoBERTa, ELECTRA): residual + LayerNorm + quantize feeding Q, K, V and
+        the FFN up-projection as int8, and FFN up + GELU + requantize feeding the down-projection.
+        ``fuse=False`` keeps the unfused path (each QLinear quantizes its own float input), the
+        reference the fused chain is tested against.
 
     A Linear reachable under several names (shared weights, e.g. ALBERT's shared layer reused by
     construction, or one module registered twice) becomes ONE QLinear placed at every name, so the
@@ -76,6 +85,8 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
     """
     summary = swap_linears(model, mode, skip, include_head, group_size, row_groups, symmetric,
                            QLinear.from_linear, caller="quantize", replacement="qbert.nn.QLinear")
+    if fuse:
+        summary = dataclasses.replace(summary, fused=fused.fuse(model))
     setattr(model, SUMMARY_ATTR, summary)
     return model
 
