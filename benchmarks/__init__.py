@@ -9,6 +9,7 @@ from types import ModuleType
 
 SUITES = {
     "int8_linear": "bench_int8_linear",
+    "int8_gemm": "bench_int8_gemm",
     "lowbit_linear": "bench_lowbit_linear",
     "block_sparse": "bench_block_sparse",
     "e2e": "bench_e2e",

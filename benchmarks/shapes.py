@@ -36,6 +36,16 @@ LINEAR_SHAPES = BERT_BASE + BERT_LARGE
 # One token (online inference), a small batch, one sequence of 128 / 512, and a large batch.
 M_VALUES = (1, 16, 128, 512, 4096)
 
+# The int8_gemm suite's token counts: from one 16-token sentence, where a GEMM only streams its weight, to
+# 384 sequences of 128 tokens, where every BERT GEMM is compute bound.
+M_SWEEP = (16, 64, 256, 1024, 4096, 16384, 49152)
+
+# The large square GEMM (M = N = K) on which int8 tensor-core kernels are commonly compared.
+SQUARE_SIZE = 8192
+SQUARE = LinearShape("square", f"{SQUARE_SIZE}^3", SQUARE_SIZE, SQUARE_SIZE)
+
 # --smoke: tiny, with a K that is not a multiple of common tile sizes, in a couple of seconds.
 SMOKE_SHAPES = (LinearShape("tiny", "square", 64, 64), LinearShape("tiny", "odd", 96, 40))
 SMOKE_M_VALUES = (1, 16)
+SMOKE_SQUARE_SIZE = 64
+SMOKE_SQUARE = LinearShape("square", f"{SMOKE_SQUARE_SIZE}^3", SMOKE_SQUARE_SIZE, SMOKE_SQUARE_SIZE)

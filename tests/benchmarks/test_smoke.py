@@ -6,14 +6,16 @@ import json
 
 import pytest
 import torch
-from qbert.benchmarks import SUITES, suite_module
+from qbert.benchmarks import SUITES, bench_e2e, bench_int8_gemm, suite_module
 from qbert.benchmarks import _harness as H
+from qbert.benchmarks.shapes import SMOKE_SQUARE
 
 from qbert import cli
 
 # The linear-layer suites, with a row of qbert's own layer that each smoke run must time successfully.
 # (block_sparse has its own smoke test: tests/benchmarks/test_block_sparse_smoke.py.)
-QBERT_ROW = {"int8_linear": "qbert w8a8", "lowbit_linear": "qbert w4a16", "e2e": "qbert w8a8"}
+QBERT_ROW = {"int8_linear": "qbert w8a8", "int8_gemm": "qbert int8_gemm", "lowbit_linear": "qbert w4a16",
+             "e2e": "qbert w8a8"}
 OWN_SMOKE_TEST = {"block_sparse"}
 
 
@@ -23,9 +25,10 @@ def test_every_suite_has_a_smoke_test():
 
 def _check_written(output, suite: str, tmp_path) -> None:
     assert {p.suffix for p in output.paths.values()} >= {".json", ".csv", ".md"}
-    for path in output.paths.values():
+    assert output.paths["json"].name.endswith(f"-{suite}.json")
+    for path in output.paths.values():  # the reports, and plots named after them
         assert path.parent == tmp_path and path.stat().st_size > 0
-        assert path.name.endswith(f"-{suite}{path.suffix}")
+        assert path.name.startswith(output.paths["json"].stem)
     data = json.loads(output.paths["json"].read_text())
     for key in ("device", "torch", "triton", "transformers", "threads", "date", "git_commit"):
         assert key in data["meta"]
@@ -37,7 +40,9 @@ def test_smoke_runs_and_writes(suite, tmp_path):
     output = suite_module(suite).main(["--smoke", "--out", str(tmp_path), "--threads", "2"])
     _check_written(output, suite, tmp_path)
     assert not [r for r in output.results if r.status == H.STATUS_FAILED], output.markdown
-    float_rows = [r for r in output.results if "F.linear" in r.impl or r.impl in ("fp32", "fp16")]
+    # CUDA-graph rows (e2e) cannot run on the CPU; test_e2e_smoke checks that they say so.
+    runnable = [r for r in output.results if torch.cuda.is_available() or r.case.get("mode") != bench_e2e.GRAPH]
+    float_rows = [r for r in runnable if "F.linear" in r.impl or r.impl in ("fp32", "fp16")]
     assert float_rows and all(r.status == H.STATUS_OK for r in float_rows), output.markdown
     assert any(r.impl.startswith(QBERT_ROW[suite]) and r.status == H.STATUS_OK for r in output.results), \
         output.markdown
@@ -70,3 +75,71 @@ def test_speedups_compare_rows_with_baselines_of_the_same_case():
     assert "unsupported: why" in H.markdown_table(rows, {"suite": "t", "device": "d", "threads": 1, "torch": "x",
                                                           "triton": "x", "transformers": "x",
                                                           "git_commit": "unknown", "date": "today"})
+
+
+def test_int8_gemm_smoke_rows_metrics_targets_and_plots(tmp_path):
+    output = bench_int8_gemm.run(smoke=True, out_dir=tmp_path, progress=False)
+    m, n, k = 16, 96, 40
+    rows = {(r.impl, r.case["M"], r.case["N"], r.case["K"]): r for r in output.results}
+    backends = bench_int8_gemm.default_backends(H.default_device())
+    # Every qbert op has a row per backend dispatch can pick here, and at least one of them was timed (on
+    # the CPU that is the cpu backend; on a GPU a backend may refuse an op, e.g. triton has no requant).
+    for op in bench_int8_gemm.QBERT_OPS:
+        mine = [rows[(f"qbert {op.label} [{backend}]", m, n, k)] for backend in backends]
+        assert any(r.status == H.STATUS_OK and r.time_us > 0 for r in mine), output.markdown
+    # The bytes model: int8_gemm reads M*K + N*K int8 and writes M*N int32.
+    gemm = next(rows[(f"qbert int8_gemm [{b}]", m, n, k)] for b in backends
+                if rows[(f"qbert int8_gemm [{b}]", m, n, k)].status == H.STATUS_OK)
+    assert gemm.metrics["ops/B"] == pytest.approx(2 * m * n * k / (m * k + n * k + 4 * m * n))
+    assert gemm.throughput == pytest.approx(2 * m * n * k / gemm.time_us / 1e6)
+    side = SMOKE_SQUARE.n  # torch._int_mm runs this case on every device (CUDA refuses M <= 16)
+    chain = rows[("_int_mm+dequant+gelu+quantize", side, side, side)]
+    assert chain.status == H.STATUS_OK and chain.baseline and "codes != ref" in chain.metrics
+    # Targets are computed from the rows' measured ratios, with the worst case reported.
+    targets = output.meta["targets"]
+    assert len(targets) == 3 * len(backends)  # three targets per backend
+    for t in targets:  # n/a only with the reason (e.g. torch._int_mm refuses M <= 16 on CUDA)
+        assert t["verdict"] in ("PASS", "MISS") or (t["verdict"] == "n/a" and t["reason"]), t
+    square = next(t for t in targets if t["baseline"] == "_int_mm")
+    measured = [r.speedup["_int_mm"] for r in output.results
+                if r.impl == square["row"] and r.case["model"] == bench_int8_gemm.SQUARE_MODEL]
+    assert square["min"] == min(measured) and square["verdict"] == ("PASS" if min(measured) >= 0.9 else "MISS")
+    peak = output.meta["ceilings"]["int8_peak"]
+    assert peak["tops"] == max(peak["measured_tops"].values()) > 0
+    assert "### Targets" in output.markdown and "Measured ceilings" in output.markdown
+    for plot in ("roofline.png", "speedup.png"):
+        assert output.paths[plot].stat().st_size > 0
+
+
+def test_requant_mismatch_allows_only_the_stated_slack():
+    q = torch.tensor([[1, -5, 127]], dtype=torch.int8)
+    scale = torch.tensor([0.5])
+    assert bench_int8_gemm.requant_mismatch((q, scale), (q.clone(), scale.clone()), 0, 1e-5) == ""
+    off_by_one = (q + torch.tensor([[0, 1, 0]], dtype=torch.int8), scale)
+    assert "up to 1" in bench_int8_gemm.requant_mismatch(off_by_one, (q, scale), 0, 1e-5)
+    assert bench_int8_gemm.requant_mismatch(off_by_one, (q, scale), 1, 1e-5) == ""
+    assert "scales differ" in bench_int8_gemm.requant_mismatch((q, scale * 1.01), (q, scale), 1, 1e-3)
+
+
+def test_e2e_smoke_scopes_modes_and_targets(tmp_path):
+    output = bench_e2e.run(smoke=True, out_dir=tmp_path, progress=False)
+    cuda = torch.cuda.is_available()
+    for scope in bench_e2e.SCOPES:
+        for impl in (bench_e2e.FUSED, bench_e2e.UNFUSED):
+            eager = [r for r in output.results if r.impl == impl and r.case["scope"] == scope
+                     and r.case["mode"] == bench_e2e.EAGER]
+            assert eager and all(r.status == H.STATUS_OK and r.metrics["cosine"] > 0.99 for r in eager), \
+                output.markdown
+    graphs = [r for r in output.results if r.case["mode"] == bench_e2e.GRAPH]
+    if cuda:
+        assert all(r.status == H.STATUS_OK for r in graphs if r.impl == "fp16"), output.markdown
+    else:
+        assert graphs and all(r.status == H.STATUS_UNSUPPORTED and "CUDA graphs need a CUDA device" in r.reason
+                              for r in graphs)
+    targets = output.meta["targets"]
+    assert len(targets) == len(bench_e2e.TARGETS) * len(bench_e2e.MODES)
+    for t in targets:
+        if t["mode"] == bench_e2e.EAGER or cuda:
+            assert t["verdict"] == ("PASS" if t["ratio"] >= t["target"] else "MISS")
+    assert "### Targets" in output.markdown
+
