@@ -43,6 +43,17 @@ def int8_codes(*shape: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
 
 
+def int8_linear_operands(m: int, n: int, k: int, device, bias_dtype: torch.dtype | None, seed: int = 0) -> list:
+    """``[x_q, x_scale, w_q, w_scale, bias]`` for the int8 linear ops: full-range codes, small positive
+    scales, a random bias of ``bias_dtype`` (or None); the same values for the same arguments."""
+    g = torch.Generator().manual_seed(seed + m * 31 + n * 7 + k)
+    x_q, w_q = int8_codes(m, k, generator=g), int8_codes(n, k, generator=g)
+    x_scale = torch.rand(m, generator=g) / 100 + 1e-4
+    w_scale = torch.rand(n, generator=g) / 100 + 1e-4
+    bias = None if bias_dtype is None else torch.randn(n, generator=g).to(bias_dtype)
+    return [t if t is None else t.to(device) for t in (x_q, x_scale, w_q, w_scale, bias)]
+
+
 def assert_error_within(out: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, factor: float = 2.0) -> None:
     """Float tier: ``out``'s max error against ``truth`` is at most ``factor`` times ``baseline``'s.
 

@@ -13,7 +13,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,8 @@ def tool(name: str) -> str | None:
 NVCC = tool("nvcc")
 CUOBJDUMP = tool("cuobjdump")
 CXXFILT = shutil.which("c++filt")
+SANITIZER = tool("compute-sanitizer")
+SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 
 
 @dataclass(frozen=True)
@@ -124,3 +128,41 @@ def torch_launcher_check(source: Path, workdir: Path) -> None:
     run([NVCC, "--cuda", "-arch=compute_80", "-code=compute_80", *flags,
          f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
          "-DQBERT_WITH_CUDA=1", *(f"-I{d}" for d in includes), str(source), "-o", str(workdir / "launcher.ii")])
+
+
+# ---- shared by the test modules ------------------------------------------------------------------------
+
+def build_concurrently(jobs: dict) -> dict:
+    """``name -> (function, *args)``, run in threads (at most 3: the CPU machines have 2 cores). Returns
+    ``name -> result``, or the exception it raised, so that each test needing a failed build reports it."""
+    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(fn, *args) for name, (fn, *args) in jobs.items()}
+        return {name: (future.exception() or future.result()) for name, future in futures.items()}
+
+
+def result(builds: dict, name):
+    """One build's result; raises the exception it failed with."""
+    value = builds[name]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def assert_no_spills(compiled: Compiled) -> None:
+    assert compiled.resources, "ptxas reported no kernels"
+    spilling = {name: r for name, r in compiled.resources.items() if r.spill_stores or r.spill_loads}
+    assert not spilling, f"{compiled.arch}: kernels spill to local memory: {spilling}"
+
+
+def uses(sass: str, opcode: str) -> bool:
+    """Whether the SASS contains instruction ``opcode`` (``HMMA.16816.F32 ...``, ``FFMA R1, ...``); the
+    move ``HFMA2.MMA`` is not an HMMA."""
+    return re.search(rf"\b{opcode}[.\s]", sass) is not None
+
+
+def assert_sanitizer_clean(sanitizer_tool: str, script: str) -> None:
+    """Run ``python -c script`` (from the repository root) under ``compute-sanitizer --tool sanitizer_tool``
+    and fail with its report unless it finds no error."""
+    result = subprocess.run([SANITIZER, f"--tool={sanitizer_tool}", "--error-exitcode=1", sys.executable, "-c",
+                             script], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -11,9 +11,6 @@ Tiers: exact for int32 results; same math in float for the epilogues (as in the 
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +21,8 @@ from qbert.ops._registry import backend_unavailable
 from qbert.ops.int8_gemm import int8_gemm_reference
 from qbert.ops.int8_linear import int8_linear_reference
 from qbert.ops.int8_linear_requant import int8_linear_requant_reference
-from tests._backends import int8_codes
-from tests.cuda._nvcc import tool
+from tests._backends import int8_linear_operands
+from tests.cuda import _nvcc
 
 
 def _skip_reason() -> str | None:
@@ -37,21 +34,14 @@ def _skip_reason() -> str | None:
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
 
-ROOT = Path(__file__).resolve().parents[2]
-SANITIZER = tool("compute-sanitizer")
 # Token counts from one token to a long batch: each side of every tile-height choice in
 # csrc/cuda/int8_gemm/int8_gemm_kernel.cuh's plan, and enough row blocks for several persistent iterations.
 M_SWEEP = (1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 1000, 4096, 16384)
 BERT_NK = ((768, 768), (2304, 768), (3072, 768), (768, 3072), (1024, 1024), (4096, 1024), (1024, 4096))
 
 
-def _operands(m, n, k, bias_dtype=torch.float16, seed=0):
-    g = torch.Generator().manual_seed(seed + m * 31 + n * 7 + k)
-    x_q, w_q = int8_codes(m, k, generator=g), int8_codes(n, k, generator=g)
-    x_scale = torch.rand(m, generator=g) / 100 + 1e-4
-    w_scale = torch.rand(n, generator=g) / 100 + 1e-4
-    bias = None if bias_dtype is None else torch.randn(n, generator=g).to(bias_dtype)
-    return [t if t is None else t.cuda() for t in (x_q, x_scale, w_q, w_scale, bias)]
+def _operands(m, n, k, bias_dtype=torch.float16):
+    return int8_linear_operands(m, n, k, "cuda", bias_dtype)
 
 
 @pytest.mark.parametrize("m", M_SWEEP)
@@ -189,11 +179,9 @@ with qbert.use_backend("cuda"):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SANITIZER is None, reason="compute-sanitizer not found (PATH, CUDA_HOME)")
-@pytest.mark.parametrize("sanitizer_tool", ["memcheck", "racecheck", "initcheck", "synccheck"])
+@pytest.mark.skipif(_nvcc.SANITIZER is None, reason="compute-sanitizer not found (PATH, CUDA_HOME)")
+@pytest.mark.parametrize("sanitizer_tool", _nvcc.SANITIZER_TOOLS)
 def test_compute_sanitizer(sanitizer_tool):
     # Small shapes: the requantizing kernel's grid then fits on the GPU however the instrumentation
     # changes occupancy, so its row-block wait cannot be starved.
-    result = subprocess.run([SANITIZER, f"--tool={sanitizer_tool}", "--error-exitcode=1", sys.executable, "-c",
-                             _SANITIZED], check=False, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    _nvcc.assert_sanitizer_clean(sanitizer_tool, _SANITIZED)

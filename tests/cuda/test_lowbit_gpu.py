@@ -8,10 +8,7 @@ path. Tolerance tier: same math in float, as in the generic tests.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from qbert.ops import lowbit_linear, w4a8_linear
 from qbert.ops._registry import backend_unavailable
 from qbert.ops.w4a8_linear import w4a8_linear_reference
 from tests._backends import assert_error_within
-from tests.cuda._nvcc import tool
+from tests.cuda import _nvcc
 from tests.ops._lowbit import lowbit_operands, lowbit_truth_and_baseline, w4a8_truth
 
 
@@ -34,9 +31,7 @@ def _skip_reason() -> str | None:
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL_M_MAX = 16  # lowbit_linear_kernel.cuh kSmallMMax: the streaming config's tile height
-SANITIZER = tool("compute-sanitizer")
 
 
 def _check_a16(args):
@@ -105,10 +100,8 @@ _SANITIZED = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SANITIZER is None, reason="compute-sanitizer not found (PATH, CUDA_HOME)")
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck", "synccheck"])
-def test_compute_sanitizer(tool):
+@pytest.mark.skipif(_nvcc.SANITIZER is None, reason="compute-sanitizer not found (PATH, CUDA_HOME)")
+@pytest.mark.parametrize("sanitizer_tool", _nvcc.SANITIZER_TOOLS)
+def test_compute_sanitizer(sanitizer_tool):
     # Every path (small-M, large-M, SIMT, W4A8) on ragged and aligned shapes.
-    result = subprocess.run([SANITIZER, f"--tool={tool}", "--error-exitcode=1", sys.executable, "-c",
-                             _SANITIZED], check=False, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    _nvcc.assert_sanitizer_clean(sanitizer_tool, _SANITIZED)

@@ -19,10 +19,8 @@ test_int8_linear_requant.py.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,24 +54,15 @@ def builds(tmp_path_factory):
     """arch -> Compiled, "launcher" -> None, "host" -> the host checks executable; compiled concurrently."""
     workdir = tmp_path_factory.mktemp("nvcc_int8_gemm")
     host = workdir / "int8_gemm_host_checks"
-    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
-        jobs = {arch: pool.submit(_nvcc.compile_kernels, SOURCE, arch, workdir) for arch in _nvcc.ARCHS}
-        # QBERT_SM90A as setup.py's default arch list (8.0;9.0a) defines it: the plan may pick wgmma.
-        jobs["host"] = pool.submit(_nvcc.run, [_nvcc.NVCC, "-arch=sm_80", *_nvcc.NVCC_FLAGS, f"-I{_nvcc.CSRC}",
-                                               "-DQBERT_SM90A=1", str(HOST_CHECKS), "-o", str(host)])
-        jobs["launcher"] = pool.submit(_nvcc.torch_launcher_check, LAUNCHER, workdir)
-        # Wait here so that a failure is reported by each test that needs the result.
-        results = {name: (job.exception() or job.result()) for name, job in jobs.items()}
+    jobs = {arch: (_nvcc.compile_kernels, SOURCE, arch, workdir) for arch in _nvcc.ARCHS}
+    # QBERT_SM90A as setup.py's default arch list (8.0;9.0a) defines it: the plan may pick wgmma.
+    jobs["host"] = (_nvcc.run, [_nvcc.NVCC, "-arch=sm_80", *_nvcc.NVCC_FLAGS, f"-I{_nvcc.CSRC}",
+                                "-DQBERT_SM90A=1", str(HOST_CHECKS), "-o", str(host)])
+    jobs["launcher"] = (_nvcc.torch_launcher_check, LAUNCHER, workdir)
+    results = _nvcc.build_concurrently(jobs)
     if not isinstance(results["host"], BaseException):
         results["host"] = host
     return results
-
-
-def _result(builds, name):
-    value = builds[name]
-    if isinstance(value, BaseException):
-        raise value
-    return value
 
 
 def _kinds(compiled: _nvcc.Compiled) -> dict[str, tuple]:
@@ -93,7 +82,7 @@ def _kinds(compiled: _nvcc.Compiled) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_every_kernel_is_instantiated(builds, arch):
-    kinds = list(_kinds(_result(builds, arch)).values())
+    kinds = list(_kinds(_nvcc.result(builds, arch)).values())
     mma = [k for k in kinds if k[0] == "mma"]
     assert len({k[1] for k in mma}) == SM80_CONFIGS, f"tile configs {sorted({k[1] for k in mma})}"
     for combo in COMBOS:
@@ -106,36 +95,27 @@ def test_every_kernel_is_instantiated(builds, arch):
 
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_no_spills(builds, arch):
-    compiled = _result(builds, arch)
-    assert compiled.resources, "ptxas reported no kernels"
-    spilling = {name: r for name, r in compiled.resources.items() if r.spill_stores or r.spill_loads}
-    assert not spilling, f"{arch}: kernels spill to local memory: {spilling}"
-
-
-def _uses(sass: str, opcode: str) -> bool:
-    """Whether the SASS contains instruction ``opcode`` (``IMMA.16832.S8.S8 ...``); the move ``HFMA2.MMA``
-    is not an HMMA."""
-    return re.search(rf"\b{opcode}[.\s]", sass) is not None
+    _nvcc.assert_no_spills(_nvcc.result(builds, arch))
 
 
 @pytest.mark.skipif(_nvcc.CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or Triton's copy)")
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_tensor_core_instructions(builds, arch):
-    compiled = _result(builds, arch)
+    compiled = _nvcc.result(builds, arch)
     for name, kind in _kinds(compiled).items():
         sass = compiled.sass[name]
         if kind[0] == "mma":
-            assert _uses(sass, "IMMA") and not _uses(sass, "HMMA"), f"{name}: must run on IMMA (mma.sync s8)"
+            assert _nvcc.uses(sass, "IMMA") and not _nvcc.uses(sass, "HMMA"), f"{name}: must run on IMMA (mma.sync s8)"
         elif arch == "sm_90a":
-            assert _uses(sass, "IGMMA") and not _uses(sass, "IMMA"), f"{name}: must run on IGMMA (wgmma s8)"
+            assert _nvcc.uses(sass, "IGMMA") and not _nvcc.uses(sass, "IMMA"), f"{name}: must run on IGMMA (wgmma s8)"
 
 
 def test_launcher_compiles_against_torch_headers(builds):
-    assert _result(builds, "launcher") is None
+    assert _nvcc.result(builds, "launcher") is None
 
 
 def test_fragment_layouts_and_swizzle(builds):
-    out = _nvcc.run([str(_result(builds, "host")), "fragments"]).stdout.split("\n")
+    out = _nvcc.run([str(_nvcc.result(builds, "host")), "fragments"]).stdout.split("\n")
     assert [line for line in out if line] == ["ok LargeConfig", "ok MediumConfig", "ok SmallMConfig",
                                               "ok sm90 epilogue layout"]
 
@@ -172,7 +152,7 @@ class PlanRow:
 def _plans(builds, cases: list[tuple[int, int, int, int, Device]]) -> list[PlanRow]:
     """plan_int8_gemm(M, N, K, kind, device) for each case, from the host checks program."""
     lines = "".join(f"{m} {n} {k} {kind} {d.cc_major} {d.cc_minor} {d.sm_count}\n" for m, n, k, kind, d in cases)
-    result = subprocess.run([str(_result(builds, "host")), "plan"], input=lines, capture_output=True,
+    result = subprocess.run([str(_nvcc.result(builds, "host")), "plan"], input=lines, capture_output=True,
                                   text=True, check=True)
     rows = [PlanRow(*map(int, line.split())) for line in result.stdout.splitlines()]
     assert len(rows) == len(cases)

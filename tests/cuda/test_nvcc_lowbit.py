@@ -16,9 +16,7 @@ tests/cuda/test_lowbit_gpu.py.
 from __future__ import annotations
 
 import itertools
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,18 +40,9 @@ _OTHER = re.compile(r"(lowbit_simt_kernel|quantize_rows_kernel|split_reduce_kern
 def builds(tmp_path_factory):
     """arch -> Compiled, and "launcher" -> None; compiled concurrently (one job per CPU, at most 3)."""
     workdir = tmp_path_factory.mktemp("nvcc_lowbit")
-    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
-        jobs = {arch: pool.submit(_nvcc.compile_kernels, SOURCE, arch, workdir) for arch in _nvcc.ARCHS}
-        jobs["launcher"] = pool.submit(_nvcc.torch_launcher_check, LAUNCHER, workdir)
-        # Wait here so that a failure is reported by each test that needs the result.
-        return {name: (job.exception() or job.result()) for name, job in jobs.items()}
-
-
-def _result(builds, name):
-    value = builds[name]
-    if isinstance(value, BaseException):
-        raise value
-    return value
+    jobs = {arch: (_nvcc.compile_kernels, SOURCE, arch, workdir) for arch in _nvcc.ARCHS}
+    jobs["launcher"] = (_nvcc.torch_launcher_check, LAUNCHER, workdir)
+    return _nvcc.build_concurrently(jobs)
 
 
 def _kinds(compiled: _nvcc.Compiled) -> dict[str, tuple]:
@@ -73,7 +62,7 @@ def _kinds(compiled: _nvcc.Compiled) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_every_kernel_is_instantiated(builds, arch):
-    kinds = _kinds(_result(builds, arch)).values()
+    kinds = _kinds(_nvcc.result(builds, arch)).values()
     mma = [k for k in kinds if k[0] == "mma"]
     expected = ({(bits, t, False) for bits, t in itertools.product((2, 3, 4, 8), A16_TYPES)}
                 | {(bits, t, True) for bits, t in itertools.product((2, 3, 4), A8_TYPES)})
@@ -88,32 +77,23 @@ def test_every_kernel_is_instantiated(builds, arch):
 
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_no_spills(builds, arch):
-    compiled = _result(builds, arch)
-    assert compiled.resources, "ptxas reported no kernels"
-    spilling = {name: r for name, r in compiled.resources.items() if r.spill_stores or r.spill_loads}
-    assert not spilling, f"{arch}: kernels spill to local memory: {spilling}"
-
-
-def _uses(sass: str, opcode: str) -> bool:
-    """Whether the SASS contains instruction ``opcode`` (``HMMA.16816.F32 ...``, ``FFMA R1, ...``); the
-    move ``HFMA2.MMA`` is not an HMMA."""
-    return re.search(rf"\b{opcode}[.\s]", sass) is not None
+    _nvcc.assert_no_spills(_nvcc.result(builds, arch))
 
 
 @pytest.mark.skipif(_nvcc.CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or Triton's copy)")
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_tensor_core_instructions(builds, arch):
-    compiled = _result(builds, arch)
+    compiled = _nvcc.result(builds, arch)
     for name, kind in _kinds(compiled).items():
         sass = compiled.sass[name]
-        imma, hmma = _uses(sass, "IMMA"), _uses(sass, "HMMA")
+        imma, hmma = _nvcc.uses(sass, "IMMA"), _nvcc.uses(sass, "HMMA")
         if kind[0] == "mma" and kind[4]:
             assert imma and not hmma, f"{name}: W4A8 must run on the int8 tensor cores (IMMA)"
         elif kind[0] == "mma":
             assert hmma and not imma, f"{name}: A16 must run on the f16/bf16 tensor cores (HMMA)"
         elif kind[0] == "lowbit_simt_kernel":
-            assert _uses(sass, "FFMA") and not (imma or hmma), f"{name}: the f32 path is IEEE FMAs"
+            assert _nvcc.uses(sass, "FFMA") and not (imma or hmma), f"{name}: the f32 path is IEEE FMAs"
 
 
 def test_launcher_compiles_against_torch_headers(builds):
-    assert _result(builds, "launcher") is None
+    assert _nvcc.result(builds, "launcher") is None

@@ -20,9 +20,7 @@ backend there.
 from __future__ import annotations
 
 import itertools
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,19 +50,10 @@ def _ptx(arch: str, workdir: Path) -> str:
 def builds(tmp_path_factory):
     """arch -> Compiled, ("ptx", arch) -> PTX text, "launcher" -> None; compiled concurrently."""
     workdir = tmp_path_factory.mktemp("nvcc_row_quantize")
-    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
-        jobs = {arch: pool.submit(_nvcc.compile_kernels, SOURCE, arch, workdir) for arch in _nvcc.ARCHS}
-        jobs.update({("ptx", arch): pool.submit(_ptx, arch, workdir) for arch in _nvcc.ARCHS})
-        jobs["launcher"] = pool.submit(_nvcc.torch_launcher_check, LAUNCHER, workdir)
-        # Wait here so that a failure is reported by each test that needs the result.
-        return {name: (job.exception() or job.result()) for name, job in jobs.items()}
-
-
-def _result(builds, name):
-    value = builds[name]
-    if isinstance(value, BaseException):
-        raise value
-    return value
+    jobs = {arch: (_nvcc.compile_kernels, SOURCE, arch, workdir) for arch in _nvcc.ARCHS}
+    jobs.update({("ptx", arch): (_ptx, arch, workdir) for arch in _nvcc.ARCHS})
+    jobs["launcher"] = (_nvcc.torch_launcher_check, LAUNCHER, workdir)
+    return _nvcc.build_concurrently(jobs)
 
 
 def _kinds(names) -> dict[str, tuple[str, bool, bool, bool, bool]]:
@@ -81,7 +70,7 @@ def _kinds(names) -> dict[str, tuple[str, bool, bool, bool, bool]]:
 
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_every_kernel_is_instantiated(builds, arch):
-    kinds = sorted(_kinds(_result(builds, arch).resources).values())
+    kinds = sorted(_kinds(_nvcc.result(builds, arch).resources).values())
     expected = sorted((t, residual, normalize, vectorized, warp)
                       for t, (residual, normalize), vectorized, warp
                       in itertools.product(TYPES, OPS, (True, False), (True, False)))
@@ -90,16 +79,13 @@ def test_every_kernel_is_instantiated(builds, arch):
 
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_no_spills(builds, arch):
-    compiled = _result(builds, arch)
-    assert compiled.resources, "ptxas reported no kernels"
-    spilling = {name: r for name, r in compiled.resources.items() if r.spill_stores or r.spill_loads}
-    assert not spilling, f"{arch}: kernels spill to local memory: {spilling}"
+    _nvcc.assert_no_spills(_nvcc.result(builds, arch))
 
 
 @pytest.mark.skipif(_nvcc.CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or Triton's copy)")
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_vector_loads_and_barriers(builds, arch):
-    compiled = _result(builds, arch)
+    compiled = _nvcc.result(builds, arch)
     for name, (_, _, _, vectorized, warp) in _kinds(compiled.resources).items():
         sass = compiled.sass[name]
         wide = re.search(r"\bLDG\.E(\.\w+)*\.128\b", sass) is not None
@@ -110,7 +96,7 @@ def test_vector_loads_and_barriers(builds, arch):
 
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)
 def test_float_math_is_explicitly_rounded_and_ieee(builds, arch):
-    ptx = _result(builds, ("ptx", arch))
+    ptx = _nvcc.result(builds, ("ptx", arch))
     entries = _ENTRY.split(ptx)[1:]  # name, body, name, body, ...
     assert len(entries) // 2 == len(TYPES) * len(OPS) * 2 * 2, "one PTX entry per kernel"
     for mangled, body in zip(entries[::2], entries[1::2]):
@@ -125,4 +111,4 @@ def test_float_math_is_explicitly_rounded_and_ieee(builds, arch):
 
 
 def test_launcher_compiles_against_torch_headers(builds):
-    assert _result(builds, "launcher") is None
+    assert _nvcc.result(builds, "launcher") is None

@@ -4,19 +4,11 @@ import torch
 import qbert
 from qbert.ops import int8_linear, int8_linear_requant, quantize_per_token
 from qbert.ops.int8_linear_requant import int8_linear_requant_reference
-from tests._backends import device_backends, int8_codes
+from tests._backends import device_backends
+from tests._backends import int8_linear_operands as _operands
 
 SHAPES = [(1, 1, 1), (7, 13, 129), (13, 257, 32), (129, 13, 257), (64, 3072, 768), (16, 768, 3072)]
 EXACT_BACKENDS = ("reference", "cpu")  # the float32 epilogue rounds exactly like the reference
-
-
-def _operands(m, n, k, device, bias_dtype, seed=0):
-    g = torch.Generator().manual_seed(seed + m * 31 + n * 7 + k)
-    x_q, w_q = int8_codes(m, k, generator=g), int8_codes(n, k, generator=g)
-    x_scale = torch.rand(m, generator=g) / 100 + 1e-4
-    w_scale = torch.rand(n, generator=g) / 100 + 1e-4
-    bias = None if bias_dtype is None else torch.randn(n, generator=g).to(bias_dtype)
-    return [t if t is None else t.to(device) for t in (x_q, x_scale, w_q, w_scale, bias)]
 
 
 @pytest.mark.parametrize("device,backend", device_backends("int8_linear_requant"))
