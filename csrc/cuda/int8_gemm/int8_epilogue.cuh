@@ -27,6 +27,9 @@ namespace qbert::cuda::int8 {
 
 enum class OutKind : int { kI32, kF32, kF16, kBF16, kS8 };
 enum class Act : int { kNone, kGelu };
+// The bias is read in the layer's own dtype (a converted copy would cost a kernel launch per call, which
+// at batch 1 is a visible share of a whole layer); each value is widened to f32 exactly.
+enum class BiasKind : int { kNone, kF32, kF16, kBF16 };
 
 struct GemmParams {
   const int8_t* a;          // [M, K] row-major; K % 16 == 0 and 16-byte aligned rows (the launcher pads otherwise)
@@ -34,7 +37,8 @@ struct GemmParams {
   int M, N, K;
   const float* x_scale;     // [M]   float outputs and kS8; null for kI32
   const float* w_scale;     // [N]
-  const float* bias;        // [N] f32, or null
+  const void* bias;         // [N] of bias_kind, or null (bias_kind kNone)
+  BiasKind bias_kind;
   void* out;                // [M, N] row-major (ld = N) of int32 / float / __half / __nv_bfloat16 / int8_t
   float* out_scale;         // kS8: [M]
   float* amax_partial;      // kS8 workspace: [M, n_tiles] per-(row, column tile) partial amax
@@ -114,6 +118,16 @@ __device__ __forceinline__ float group_max(float v) {
 #pragma unroll
   for (int offset = kLanes / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
+}
+
+__device__ __forceinline__ float load_bias(const GemmParams& p, int col) {
+  switch (p.bias_kind) {
+    case BiasKind::kF32: return static_cast<const float*>(p.bias)[col];
+    case BiasKind::kF16: return __half2float(static_cast<const __half*>(p.bias)[col]);
+    case BiasKind::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p.bias)[col]);
+    case BiasKind::kNone: break;
+  }
+  return 0.f;
 }
 
 // y = ((float(acc) * xs) * ws) + bias, then GELU: each product and sum rounded on its own, in torch's order.
@@ -206,7 +220,7 @@ __device__ void epilogue_tile(int32_t* tile, int m0, int n0, int tile_n, int n_t
     }
   } else {
     // A thread's columns are the same in every row: fetch their w_scale / bias once.
-    const bool has_bias = p.bias != nullptr;
+    const bool has_bias = p.bias_kind != BiasKind::kNone;
     float ws[L::kChunksPerLane][kVec], bias[L::kChunksPerLane][kVec];
 #pragma unroll
     for (int j = 0; j < L::kChunksPerLane; ++j)
@@ -214,7 +228,7 @@ __device__ void epilogue_tile(int32_t* tile, int m0, int n0, int tile_n, int n_t
       for (int i = 0; i < kVec; ++i) {
         const int col = n0 + tile_col(j) + i;
         ws[j][i] = col < p.N ? p.w_scale[col] : 0.f;
-        bias[j][i] = has_bias && col < p.N ? p.bias[col] : 0.f;
+        bias[j][i] = has_bias && col < p.N ? epi::load_bias(p, col) : 0.f;
       }
 
 #pragma unroll 1

@@ -122,11 +122,23 @@ Setup prepare(const char* op, const at::Tensor& a, const at::Tensor& b, OutKind 
   return s;
 }
 
-void fill_epilogue(GemmParams& p, const at::Tensor& x_scale, const at::Tensor& w_scale,
-                   const std::optional<at::Tensor>& bias_f32) {
+// The bias as the epilogue reads it: the tensor itself when it is f32 / f16 / bf16 and contiguous (the
+// usual case: a layer's own bias), else a contiguous f32 copy. Returned to keep a copy alive.
+at::Tensor fill_epilogue(GemmParams& p, const at::Tensor& x_scale, const at::Tensor& w_scale,
+                         const std::optional<at::Tensor>& bias) {
   p.x_scale = x_scale.data_ptr<float>();
   p.w_scale = w_scale.data_ptr<float>();
-  p.bias = bias_f32 ? bias_f32->data_ptr<float>() : nullptr;
+  p.bias = nullptr;
+  p.bias_kind = BiasKind::kNone;
+  if (!bias) return {};
+  const at::ScalarType t = bias->scalar_type();
+  const bool native = t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  at::Tensor b = native ? bias->contiguous() : bias->to(at::kFloat).contiguous();
+  p.bias = b.data_ptr();
+  p.bias_kind = b.scalar_type() == at::kHalf       ? BiasKind::kF16
+                : b.scalar_type() == at::kBFloat16 ? BiasKind::kBF16
+                                                   : BiasKind::kF32;
+  return b;
 }
 
 template <OutKind kOut>
@@ -172,9 +184,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, co
   Setup s = prepare(op, x_q, w_q, out_dtype == at::kFloat ? OutKind::kF32
                                   : out_dtype == at::kHalf ? OutKind::kF16
                                                            : OutKind::kBF16);
-  std::optional<at::Tensor> bias_f32;
-  if (bias) bias_f32 = bias->to(at::kFloat).contiguous();  // [N]: the epilogue reads one f32 bias
-  fill_epilogue(s.p, x_scale, w_scale, bias_f32);
+  const at::Tensor bias_in = fill_epilogue(s.p, x_scale, w_scale, bias);
   s.p.out = out.data_ptr();
   switch (out_dtype) {
     case at::kFloat: run_plan<OutKind::kF32>(op, s.p, s.plan, act); break;
@@ -200,9 +210,7 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_requant_cuda(const at::Tensor& x_
   at::Tensor y_scale = at::empty({M}, x_q.options().dtype(at::kFloat));
   if (M == 0) return {y_q, y_scale};
   Setup s = prepare(op, x_q, w_q, OutKind::kS8);
-  std::optional<at::Tensor> bias_f32;
-  if (bias) bias_f32 = bias->to(at::kFloat).contiguous();
-  fill_epilogue(s.p, x_scale, w_scale, bias_f32);
+  const at::Tensor bias_in = fill_epilogue(s.p, x_scale, w_scale, bias);
   s.p.out = y_q.data_ptr();
   s.p.out_scale = y_scale.data_ptr<float>();
   // Per-call workspace: each (row, column tile)'s partial amax, and each row block's arrival counter,
