@@ -63,6 +63,28 @@ __host__ __device__ constexpr TileCoord tile_coord(int tile, int n_tiles) {
   return {tile / n_tiles * BLOCK_M, tile % n_tiles * BLOCK_N, tile % n_tiles};
 }
 
+// Launches `grid` persistent CTAs of `kernel(p)`. kS8 launches are cooperative: the driver then starts
+// the grid only when all its CTAs can be resident at once (else cudaErrorCooperativeLaunchTooLarge), even
+// beside other kernels on other streams, which is what the row-block wait in epilogue_tile needs to
+// always end. Other kinds need no such guarantee and launch normally. Both are capturable in CUDA graphs.
+template <OutKind kOut>
+cudaError_t launch_persistent(void (*kernel)(GemmParams), int grid, int threads, int smem_bytes, cudaStream_t stream,
+                              const GemmParams& p) {
+  // Above 48 KB of dynamic shared memory a kernel must opt in.
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes)) return e;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute cooperative[1];
+  cooperative[0].id = cudaLaunchAttributeCooperative;
+  cooperative[0].val.cooperative = 1;
+  config.attrs = cooperative;
+  config.numAttrs = kOut == OutKind::kS8 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
 // ---- epilogue --------------------------------------------------------------------------------------------
 
 // int32 elements per staged row; the pad of 4 shifts consecutive rows by 4 banks (fewer bank conflicts

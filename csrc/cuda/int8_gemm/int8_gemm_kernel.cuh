@@ -12,7 +12,8 @@
 // kS8 (per-token requantization) makes the n_tiles CTAs of a row block wait for each other, so they
 // must all be resident at once: the grid is a multiple of n_tiles and at most the co-resident CTA count
 // (a lower bound computed from the device's shared memory and threads per SM and the kernel's
-// __launch_bounds__; launch_int8_gemm re-checks it against the occupancy API before launching).
+// __launch_bounds__), and the launch is cooperative, so the driver itself refuses a grid that cannot be
+// resident at once (see launch_persistent in int8_epilogue.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -172,30 +173,13 @@ inline Plan plan_int8_gemm(int M, int N, int K, OutKind kind, const DeviceInfo& 
   return best;
 }
 
-// CTAs of `kernel` (instantiated for kOut, kAct) that fit on one SM, from the occupancy API.
-template <OutKind kOut, Act kAct>
-cudaError_t kernel_ctas_per_sm(Kernel kernel, int* out) {
-  switch (kernel) {
-    case Kernel::kSm80SmallM: return sm80::ctas_per_sm<sm80::SmallMConfig, kOut, kAct>(out);
-    case Kernel::kSm80Medium: return sm80::ctas_per_sm<sm80::MediumConfig, kOut, kAct>(out);
-    case Kernel::kSm80Large: return sm80::ctas_per_sm<sm80::LargeConfig, kOut, kAct>(out);
-    case Kernel::kSm90Wgmma: return sm90::ctas_per_sm<kOut, kAct>(out);
-  }
-  return cudaErrorInvalidValue;
-}
-
 // Runs `plan` (status kOk) on `stream`. kS8 needs p.row_block_arrivals zeroed and p.amax_partial sized
 // [M, plan.n_tiles]. Errors: cudaErrorInvalidValue for a plan that is not kOk;
-// cudaErrorCooperativeLaunchTooLarge when kS8's CTAs would not all be resident at once (the device
-// holds fewer than plan.ctas_per_sm per SM: the requant wait would never end).
+// cudaErrorCooperativeLaunchTooLarge when kS8's CTAs cannot all be resident at once (the device holds
+// fewer than plan.ctas_per_sm per SM: the requant wait could never end, so the driver refuses it).
 template <OutKind kOut, Act kAct>
 cudaError_t launch_int8_gemm(const GemmParams& p, const Plan& plan, cudaStream_t stream) {
   if (plan.status != PlanStatus::kOk || plan.grid < 1) return cudaErrorInvalidValue;
-  if constexpr (kOut == OutKind::kS8) {
-    int resident = 0;
-    if (cudaError_t e = kernel_ctas_per_sm<kOut, kAct>(plan.kernel, &resident)) return e;
-    if (resident < plan.ctas_per_sm) return cudaErrorCooperativeLaunchTooLarge;
-  }
   switch (plan.kernel) {
     case Kernel::kSm80SmallM: return sm80::launch<sm80::SmallMConfig, kOut, kAct>(p, plan.grid, stream);
     case Kernel::kSm80Medium: return sm80::launch<sm80::MediumConfig, kOut, kAct>(p, plan.grid, stream);

@@ -287,24 +287,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtasPerSm) int8_gemm_m
   }
 }
 
-// CTAs of this config's kernel that fit on one SM (after opting in to its dynamic shared memory).
-template <class Cfg, OutKind kOut, Act kAct>
-cudaError_t ctas_per_sm(int* out) {
-  auto kernel = int8_gemm_mma_kernel<Cfg, kOut, kAct>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in.
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes))
-    return e;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, Cfg::kThreads, Cfg::kSmemBytes);
-}
-
 // Launches `grid` persistent CTAs of Cfg::kThreads threads with Cfg::kSmemBytes dynamic shared memory.
 template <class Cfg, OutKind kOut, Act kAct>
 cudaError_t launch(const GemmParams& p, int grid, cudaStream_t stream) {
-  auto kernel = int8_gemm_mma_kernel<Cfg, kOut, kAct>;
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes))
-    return e;
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_persistent<kOut>(int8_gemm_mma_kernel<Cfg, kOut, kAct>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p);
 }
 
 }  // namespace qbert::cuda::int8::sm80

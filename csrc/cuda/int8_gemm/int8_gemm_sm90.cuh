@@ -293,23 +293,10 @@ __global__ void __launch_bounds__(kThreads, 1) int8_gemm_wgmma_kernel(GemmParams
 #endif
 }
 
-// CTAs of this kernel that fit on one SM (after raising its dynamic shared-memory limit).
-template <OutKind kOut, Act kAct>
-cudaError_t ctas_per_sm(int* out) {
-  const auto kernel = int8_gemm_wgmma_kernel<kOut, kAct>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, kThreads, kSmemBytes);
-}
-
 // Launches `grid` persistent CTAs of kThreads threads with kSmemBytes dynamic shared memory.
 template <OutKind kOut, Act kAct>
 cudaError_t launch(const GemmParams& p, int grid, cudaStream_t stream) {
-  const auto kernel = int8_gemm_wgmma_kernel<kOut, kAct>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_persistent<kOut>(int8_gemm_wgmma_kernel<kOut, kAct>, grid, kThreads, kSmemBytes, stream, p);
 }
 
 }  // namespace qbert::cuda::int8::sm90
