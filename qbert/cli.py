@@ -38,12 +38,11 @@ def backend_cell(op_name: str, backend: str) -> list[str]:
     reasons = backend_unavailable(backend)
     if reasons:
         return reasons
-    if backend in ("cpu", "cuda"):
-        # The C++ rows call torch.ops.qbert.<op>_<backend>, registered when qbert._C is loaded.
+    # The C++ rows call torch.ops.qbert.<kernel>, registered when qbert._C is loaded.
+    if OPS[op_name].rows[backend].kernels:
         _ext.module()
-        if not hasattr(torch.ops.qbert, f"{op_name}_{backend}"):
-            return [f"torch.ops.qbert.{op_name}_{backend} is not registered by this build of qbert._C"]
-    return []
+    missing = [k for k in OPS[op_name].rows[backend].kernels if not hasattr(torch.ops.qbert, k)]
+    return [f"torch.ops.qbert.{k} is not registered by this build of qbert._C" for k in missing]
 
 
 def op_table() -> str:

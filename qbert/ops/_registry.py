@@ -154,6 +154,7 @@ class Row:
     backend: str
     fn: Callable[..., Any]
     supports: Callable[..., list[str]]
+    kernels: tuple[str, ...] = ()  # the torch.ops.qbert ops a cpu / cuda row calls (registered by qbert._C)
 
 
 @dataclass
@@ -162,13 +163,17 @@ class Op:
     rows: dict[str, Row] = field(default_factory=dict)
 
     def register(self, backend: str, fn: Callable[..., Any],
-                 supports: Callable[..., list[str]] = _accepts_all) -> None:
+                 supports: Callable[..., list[str]] = _accepts_all, kernels: tuple[str, ...] | None = None) -> None:
         """Add a backend row. ``supports`` states the op-specific limits of ``fn``; the registry itself
-        checks that the backend is available in this process and runs on the inputs' device."""
+        checks that the backend is available in this process and runs on the inputs' device. ``kernels``:
+        the C++ ops a cpu / cuda row calls, by default ``<op>_<backend>`` (``qbert info`` checks that this
+        build registered them)."""
         _check_name(backend, f"{self.name}.register")
         if backend in self.rows:
             raise ValueError(f"{self.name}: backend {backend!r} is registered twice")
-        self.rows[backend] = Row(backend, fn, supports)
+        if kernels is None:
+            kernels = (f"{self.name}_{backend}",) if backend in ("cpu", "cuda") else ()
+        self.rows[backend] = Row(backend, fn, supports, kernels)
 
     def _reasons(self, backend: str, device: str, args: tuple, kwargs: dict) -> list[str]:
         row = self.rows.get(backend)

@@ -67,5 +67,5 @@ def _cuda(x_q, x_scale, w_q, w_scale, bias, activation):
 
 
 _OP.register("reference", int8_linear_requant_reference)
-_OP.register("cpu", _cpu)
+_OP.register("cpu", _cpu, kernels=("int8_linear_cpu", "quantize_per_token_cpu"))
 _OP.register("cuda", _cuda, tensor_supports)

@@ -66,6 +66,6 @@ def _cuda(x, w_q, w_scale, bias):
 
 
 _OP.register("reference", w8a8_linear_reference)
-_OP.register("cpu", _cpu)
+_OP.register("cpu", _cpu, kernels=("quantize_per_token_cpu", "int8_linear_cpu"))
 _OP.register("triton", _triton)
-_OP.register("cuda", _cuda, tensor_supports)
+_OP.register("cuda", _cuda, tensor_supports, kernels=("quantize_per_token_cuda", "int8_linear_cuda"))
