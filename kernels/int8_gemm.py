@@ -7,6 +7,7 @@ needed anywhere). Constexpr switches pick the variant, one kernel for the whole 
   variant        a       accumulator   epilogue (float32)                              c
   int8_gemm      int8    int32, exact  none                                            int32
   int8_linear    int8    int32, exact  (f32(acc) * a_scale[m]) * b_scale[n] + bias[n]  f32/f16/bf16
+                                       [then GELU]
   w8a16_linear   float   float32       acc * b_scale[n] + bias[n]                      a's dtype
 For float a, each int8 b tile is cast to a's dtype in registers (the float weight never exists in memory).
 """
@@ -26,6 +27,8 @@ from qbert.kernels._common import (
     m_bucket,
 )
 
+_SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+
 
 @triton.jit
 def _int8_gemm_kernel(
@@ -37,6 +40,7 @@ def _int8_gemm_kernel(
     ACC_DTYPE: tl.constexpr,               # tl.int32 for int8 a, tl.float32 for float a
     DOT_PRECISION: tl.constexpr,           # "ieee" for f32 a (no TF32: torch's f32 matmul is IEEE)
     A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,                    # exact-erf GELU on the float32 y (int8_linear activation="gelu")
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,                  # K % BLOCK_K == 0: the main loop needs no K mask
 ):
@@ -81,6 +85,9 @@ def _int8_gemm_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)         # [BLOCK_N] any float
             out = out + bias.to(tl.float32)[None, :]
+        if GELU:
+            # torch's formula and order: (y * 0.5) * (1 + erf(y * (1 / sqrt(2)))).
+            out = out * 0.5 * (1.0 + tl.math.erf(out * _SQRT_HALF))
     else:
         out = acc
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]   # [BLOCK_M, BLOCK_N]
@@ -100,13 +107,14 @@ def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return c
     # The scale and bias pointers are never read (switches off); c stands in for them.
     _launch(m, n, a, b, c, c, c, c, m, n, k, m_bucket(m), a.stride(0), b.stride(0), c.stride(0),
-            ACC_DTYPE=tl.int32, DOT_PRECISION="tf32", A_SCALE=False, B_SCALE=False, HAS_BIAS=False)
+            ACC_DTYPE=tl.int32, DOT_PRECISION="tf32", A_SCALE=False, B_SCALE=False, HAS_BIAS=False, GELU=False)
     return c
 
 
 def int8_linear_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(f32(x_q @ w_q.T) * x_scale[:, None]) * w_scale + bias`` -> out_dtype [M, N], fused epilogue."""
+                       bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str = "none") -> torch.Tensor:
+    """``act((f32(x_q @ w_q.T) * x_scale[:, None]) * w_scale + bias)`` -> out_dtype [M, N], fused epilogue;
+    activation "none" or "gelu"."""
     check_contiguous("int8_linear_triton", x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale, bias=bias)
     m, k = x_q.shape
     n = w_q.shape[0]
@@ -115,5 +123,6 @@ def int8_linear_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tens
         return out
     _launch(m, n, x_q, w_q, out, x_scale, w_scale, out if bias is None else bias, m, n, k, m_bucket(m),
             x_q.stride(0), w_q.stride(0), out.stride(0),
-            ACC_DTYPE=tl.int32, DOT_PRECISION="tf32", A_SCALE=True, B_SCALE=True, HAS_BIAS=bias is not None)
+            ACC_DTYPE=tl.int32, DOT_PRECISION="tf32", A_SCALE=True, B_SCALE=True, HAS_BIAS=bias is not None,
+            GELU=activation == "gelu")
     return out

@@ -32,5 +32,5 @@ def w8a16_linear_triton(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
     _launch(m, n, x, w_q, out, out, w_scale, out if bias is None else bias, m, n, k, m_bucket(m),
             x.stride(0), w_q.stride(0), out.stride(0),
             ACC_DTYPE=tl.float32, DOT_PRECISION=precision, A_SCALE=False, B_SCALE=True,
-            HAS_BIAS=bias is not None)
+            HAS_BIAS=bias is not None, GELU=False)
     return out

@@ -105,11 +105,7 @@ def _cpu(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation):
 def _triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation):
     from qbert.kernels.int8_gemm import int8_linear_triton
 
-    return int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-
-
-def _triton_supports(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation) -> list[str]:
-    return [] if activation == "none" else [f"the Triton epilogue has no {activation!r} activation"]
+    return int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
 
 
 def _cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation):
@@ -118,5 +114,5 @@ def _cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation):
 
 _OP.register("reference", int8_linear_reference)
 _OP.register("cpu", _cpu)
-_OP.register("triton", _triton, _triton_supports)
+_OP.register("triton", _triton)
 _OP.register("cuda", _cuda, tensor_supports)

@@ -57,12 +57,13 @@ def _gemm_cases() -> list[dict]:
     # (family, a pointer type, c pointer type, accumulator, dot precision, configs, switches)
     variants = [
         ("int8_gemm", "*i8", "*i32", "int32", "tf32", INT8_GEMM_CONFIGS,
-         {"A_SCALE": False, "B_SCALE": False, "HAS_BIAS": False, "EVEN_K": True}),
+         {"A_SCALE": False, "B_SCALE": False, "HAS_BIAS": False, "GELU": False, "EVEN_K": True}),
+        # With the GELU epilogue: the largest int8_linear variant (erf through libdevice).
         ("int8_linear", "*i8", "*bf16", "int32", "tf32", INT8_GEMM_CONFIGS,
-         {"A_SCALE": True, "B_SCALE": True, "HAS_BIAS": True, "EVEN_K": False}),
+         {"A_SCALE": True, "B_SCALE": True, "HAS_BIAS": True, "GELU": True, "EVEN_K": False}),
     ]
     variants += [(f"w8a16_{dtype}", f"*{dtype}", f"*{dtype}", "float32", "ieee" if dtype == "fp32" else "tf32",
-                  W8A16_CONFIGS, {"A_SCALE": False, "B_SCALE": True, "HAS_BIAS": True, "EVEN_K": False})
+                  W8A16_CONFIGS, {"A_SCALE": False, "B_SCALE": True, "HAS_BIAS": True, "GELU": False, "EVEN_K": False})
                  for dtype in ("fp16", "bf16", "fp32")]
     cases = []
     for family, a_ty, c_ty, acc, precision, configs, switches in variants:
