@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from qbert.benchmarks import _harness as H
+from qbert.benchmarks import bench_int8_linear
 from qbert.benchmarks.bench_int8_linear import add_arguments, float_linear, int_mm_dequant
 from qbert.benchmarks.bench_lowbit_linear import COPY_BYTES, SMOKE_COPY_BYTES, copy_bandwidth
 from qbert.benchmarks.shapes import (
@@ -94,17 +95,9 @@ SQUARE_MODEL = SQUARE.model  # the case whose int8_gemm is compared with _int_mm
 
 
 @dataclasses.dataclass
-class Copy:
-    """One copy of a case's inputs (CUDA timing rotates over several)."""
+class Copy(bench_int8_linear.Copy):
+    """One copy of a case's inputs (CUDA timing rotates over several): int8_linear's, plus fp8 and bf16."""
 
-    x: torch.Tensor  # float [M, K] (fp16 on CUDA, fp32 on CPU)
-    weight: torch.Tensor  # float [N, K]
-    bias: torch.Tensor  # float [N]
-    x_q: torch.Tensor  # int8 [M, K]
-    x_scale: torch.Tensor  # float32 [M]
-    w_q: torch.Tensor  # int8 [N, K]
-    w_q_t: torch.Tensor  # int8 [K, N], a transposed view (torch._int_mm's layout)
-    w_scale: torch.Tensor  # float32 [N]
     x_fp8: torch.Tensor  # e4m3 [M, K]
     x_fp8_scale: torch.Tensor  # float32 [M, 1]
     w_fp8_t: torch.Tensor  # e4m3 [K, N], a transposed view of [N, K] (column-major, as _scaled_mm wants)
