@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbert import ops
+from qbert.models import family_of
 from qbert.nn.codes import Int8Activation, attach, int8_of
 from qbert.nn.qlinear import QLinear
 
@@ -143,8 +144,6 @@ def fuse(model: nn.Module) -> tuple[str, ...]:
     consumer); the embeddings' LayerNorm needs a w8a8 consumer. Modules that do not qualify keep the
     unfused path.
     """
-    from qbert.models import family_of
-
     family = family_of(model)
     modules = dict(model.named_modules())
     fused: list[str] = []
