@@ -14,6 +14,7 @@ outputs, close for float). A case a backend cannot run is recorded with its reas
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import dataclasses
@@ -282,10 +283,42 @@ class BenchOutput:
     paths: dict[str, Path]
     markdown: str
 
+    def print(self) -> BenchOutput:
+        """Print the table and the files written (a suite's ``main`` ends with this); returns self."""
+        print(self.markdown)
+        print("written: " + ", ".join(str(p) for p in self.paths.values()))
+        return self
+
 
 def int_list(text: str) -> tuple[int, ...]:
     """``"1,16,128"`` -> ``(1, 16, 128)`` (command-line lists)."""
     return tuple(int(v) for v in text.split(",") if v)
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """``"1,0.5"`` -> ``(1.0, 0.5)`` (command-line lists)."""
+    return tuple(float(v) for v in text.split(",") if v)
+
+
+def str_list(text: str) -> list[str]:
+    """``"cuda,triton"`` -> ``["cuda", "triton"]`` (command-line lists)."""
+    return text.split(",")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every suite's command line has: --smoke, --out, --threads."""
+    parser.add_argument("--smoke", action="store_true", help="tiny cases, few repeats (seconds)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output dir (default {DEFAULT_RESULTS_DIR}; ./{SMOKE_RESULTS_DIR} with --smoke)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (CPU timings)")
+
+
+def add_gemm_arguments(parser: argparse.ArgumentParser, backends_default: str) -> None:
+    """The GEMM suites' sweep options: --m (token counts) and --backends (``backends_default`` says
+    which run without it)."""
+    parser.add_argument("--m", type=int_list, default=None, help="comma-separated token counts M")
+    parser.add_argument("--backends", type=str_list, default=None,
+                        help=f"qbert backends to time (default: {backends_default})")
 
 
 def attach_speedups(results: list[Result]) -> None:

@@ -416,30 +416,17 @@ def plot_speedups(results: list[H.Result], path: Path) -> Path | None:
     return path
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v)
-
-
 def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny cases, few repeats (seconds)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output dir (default {H.DEFAULT_RESULTS_DIR}; ./{H.SMOKE_RESULTS_DIR} with --smoke)")
-    parser.add_argument("--threads", type=int, default=H.DEFAULT_THREADS, help="torch threads (CPU timings)")
-    parser.add_argument("--seq", type=_ints, default=None, help="comma-separated sequence lengths")
-    parser.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes")
-    parser.add_argument("--density", type=_floats, default=None, help="comma-separated target densities")
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
+    H.add_arguments(parser)
+    parser.add_argument("--seq", type=H.int_list, default=None, help="comma-separated sequence lengths")
+    parser.add_argument("--batch", type=H.int_list, default=None, help="comma-separated batch sizes")
+    parser.add_argument("--density", type=H.float_list, default=None, help="comma-separated target densities")
+    parser.add_argument("--backends", type=H.str_list, default=None,
                         help="qbert backends to time (default: every backend the op registers)")
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads, args.seq, args.batch, args.density, args.backends)
-    print(output.markdown)
-    print("written: " + ", ".join(str(p) for p in output.paths.values()))
-    return output
+    return output.print()
 
 
 if __name__ == "__main__":

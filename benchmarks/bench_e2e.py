@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from qbert.benchmarks import _harness as H
-from qbert.benchmarks.bench_int8_linear import add_arguments
 from tqdm import tqdm
 
 from qbert.ops._registry import BACKENDS
@@ -233,12 +232,10 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    H.add_arguments(parser)
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads)
-    print(output.markdown)
-    print("written: " + ", ".join(str(p) for p in output.paths.values()))
-    return output
+    return output.print()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from qbert.benchmarks import _harness as H
 from qbert.benchmarks import bench_int8_linear
-from qbert.benchmarks.bench_int8_linear import add_arguments, float_linear, int_mm_dequant
+from qbert.benchmarks.bench_int8_linear import float_linear, int_mm_dequant
 from qbert.benchmarks.bench_lowbit_linear import COPY_BYTES, SMOKE_COPY_BYTES, copy_bandwidth
 from qbert.benchmarks.shapes import (
     LINEAR_SHAPES,
@@ -601,15 +601,11 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--m", type=H.int_list, default=None, help="comma-separated token counts M")
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
-                        help="qbert backends to time (default: those dispatch can pick on the device)")
+    H.add_arguments(parser)
+    H.add_gemm_arguments(parser, "those dispatch can pick on the device")
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads, args.m, args.backends)
-    print(output.markdown)
-    print("written: " + ", ".join(str(p) for p in output.paths.values()))
-    return output
+    return output.print()
 
 
 if __name__ == "__main__":

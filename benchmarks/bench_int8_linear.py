@@ -227,26 +227,15 @@ def plot_speedups(results: list[H.Result], path: Path) -> Path | None:
     return path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repeats (seconds)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output dir (default {H.DEFAULT_RESULTS_DIR}; ./{H.SMOKE_RESULTS_DIR} with --smoke)")
-    parser.add_argument("--threads", type=int, default=H.DEFAULT_THREADS, help="torch threads (CPU timings)")
-
-
 def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--m", type=H.int_list, default=None, help="comma-separated token counts M")
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
-                        help=f"qbert backends to time (default all of {','.join(BACKENDS)})")
-    parser.add_argument("--ao-engines", type=lambda s: s.split(","), default=None,
+    H.add_arguments(parser)
+    H.add_gemm_arguments(parser, f"all of {','.join(BACKENDS)}")
+    parser.add_argument("--ao-engines", type=H.str_list, default=None,
                         help=f"torch.ao engines on CPU (default onednn; available: {','.join(H.ao_engines())})")
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads, args.m, args.backends, args.ao_engines)
-    print(output.markdown)
-    print("written: " + ", ".join(str(p) for p in output.paths.values()))
-    return output
+    return output.print()
 
 
 if __name__ == "__main__":

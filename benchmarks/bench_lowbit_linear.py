@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from qbert.benchmarks import _harness as H
-from qbert.benchmarks.bench_int8_linear import add_arguments, measure, plot_speedups
+from qbert.benchmarks.bench_int8_linear import measure, plot_speedups
 from qbert.benchmarks.shapes import LINEAR_SHAPES, SMOKE_SHAPES, LinearShape
 from tqdm import tqdm
 
@@ -209,17 +209,13 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--m", type=H.int_list, default=None, help="comma-separated token counts M")
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
-                        help=f"qbert backends to time (default all of {','.join(BACKENDS)})")
+    H.add_arguments(parser)
+    H.add_gemm_arguments(parser, f"all of {','.join(BACKENDS)}")
     parser.add_argument("--bert-only", action="store_true", help="skip the large LLM-style shapes")
     args = parser.parse_args(argv)
     shapes = LINEAR_SHAPES if args.bert_only else None
     output = run(args.smoke, args.out, args.threads, args.m, args.backends, shapes)
-    print(output.markdown)
-    print("written: " + ", ".join(str(p) for p in output.paths.values()))
-    return output
+    return output.print()
 
 
 if __name__ == "__main__":

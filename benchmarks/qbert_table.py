@@ -675,14 +675,12 @@ def main(argv: list[str] | None = None) -> H.BenchOutput:
                         help=f"output dir (default {H.DEFAULT_RESULTS_DIR}; ./{H.SMOKE_RESULTS_DIR} with --smoke)")
     parser.add_argument("--cache", type=Path, default=None, help=f"cache dir (default {DEFAULT_CACHE})")
     parser.add_argument("--threads", type=int, default=H.DEFAULT_THREADS, help="torch threads")
-    parser.add_argument("--rows", type=lambda s: s.split(","), default=None,
+    parser.add_argument("--rows", type=H.str_list, default=None,
                         help="comma-separated row keys to run (fp32 always runs); default all: "
                              + ",".join(s.key for s in row_specs()))
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads, args.cache, args.rows)
-    print(output.markdown)
-    print("written: " + ", ".join(str(p) for p in output.paths.values()))
-    return output
+    return output.print()
 
 
 if __name__ == "__main__":
