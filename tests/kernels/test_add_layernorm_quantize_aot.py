@@ -24,6 +24,7 @@ from tests.kernels.test_triton_aot import (
     MAX_SHARED_BYTES,
     _describe,
     _has,
+    aot_compile,
     by_family,
     compile_cases,
     compile_in_subprocess,
@@ -56,10 +57,7 @@ def _cases() -> list[dict]:
 
 
 def _compile(case: dict) -> dict:
-    import triton
     from qbert.kernels.add_layernorm_quantize import _add_layernorm_quantize_kernel as fn
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     dtype = case["dtype"]
     pointers = {"x_ptr": f"*{dtype}", "residual_ptr": f"*{dtype}", "weight_ptr": "*fp32", "bias_ptr": "*fp32",
@@ -67,19 +65,8 @@ def _compile(case: dict) -> dict:
     scalars = {"K": "i32", "eps": "fp32"}
     signature = {name: "constexpr" if name in case["constexprs"] else {**pointers, **scalars}[name]
                  for name in fn.arg_names}
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in _ALIGNED}
-    try:
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=case["constexprs"], attrs=attrs),
-                                target=GPUTarget("cuda", case["arch"], 32),
-                                options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
-    except Exception as error:
-        # Name the case: the parent shows this subprocess's stderr when the compile fails.
-        raise RuntimeError(f"AOT compile failed for {case}") from error
-    ptx = kernel.asm["ptx"]
-    opcodes = sorted(set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", ptx, flags=re.MULTILINE)))
-    immediates = sorted(set(re.findall(r"\b0f[0-9A-F]{8}\b", ptx)))
-    return dict(case, shared=kernel.metadata.shared, opcodes=opcodes, immediates=immediates,
-                spilled=spill_bytes(ptx, case["arch"]))
+    kernel, summary = aot_compile(fn, signature, case["constexprs"], _ALIGNED, case)
+    return dict(summary, spilled=spill_bytes(kernel.asm["ptx"], case["arch"]))
 
 
 def _compile_all() -> list[dict]:

@@ -29,6 +29,7 @@ from tests.kernels.test_triton_aot import (
     _has,
     _mma_float,
     _wgmma_float,
+    aot_compile,
     compile_cases,
     compile_in_subprocess,
 )
@@ -99,10 +100,7 @@ def _cases() -> list[dict]:
 
 
 def _compile(case: dict) -> dict:
-    import triton
     from qbert.kernels import block_sparse_attention as module
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     fn = getattr(module, _KERNELS[case["family"]])
     constexprs = case["config"]
@@ -116,16 +114,8 @@ def _compile(case: dict) -> dict:
         else:
             signature[name] = "fp32" if name.startswith("scale") else "i32"
     aligned = [name for name in (*pointers, *_ALIGNED_INTS) if name in fn.arg_names]
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    try:
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                                target=GPUTarget("cuda", case["arch"], 32),
-                                options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
-    except Exception as error:
-        raise RuntimeError(f"AOT compile failed for {case}") from error
-    ptx = kernel.asm["ptx"]
-    opcodes = sorted(set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", ptx, flags=re.MULTILINE)))
-    return dict(case, shared=kernel.metadata.shared, opcodes=opcodes, **_resource_usage(kernel.asm["cubin"]))
+    kernel, summary = aot_compile(fn, signature, constexprs, aligned, case)
+    return dict(summary, **_resource_usage(kernel.asm["cubin"]))
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:

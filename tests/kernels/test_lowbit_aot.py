@@ -20,8 +20,6 @@ helpers and limits this file shares).
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from tests.kernels.test_triton_aot import (
@@ -34,6 +32,7 @@ from tests.kernels.test_triton_aot import (
     _mma_float,
     _takes_wgmma,
     _wgmma_float,
+    aot_compile,
     by_family,
     compile_cases,
     compile_in_subprocess,
@@ -96,26 +95,13 @@ def _cases() -> list[dict]:
 
 
 def _compile(case: dict) -> dict:
-    import triton
     from qbert.kernels.lowbit_linear import _lowbit_linear_kernel as fn
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     constexprs = case["constexprs"]
     signature = {name: "constexpr" if name in constexprs else case["pointers"].get(name, "i32")
                  for name in fn.arg_names}
-    divisible = [["tt.divisibility", 16]]
-    attrs = {(fn.arg_names.index(name),): divisible for name in (*case["pointers"], *_ALIGNED_INTS)}
-    try:
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                                target=GPUTarget("cuda", case["arch"], 32),
-                                options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
-    except Exception as error:
-        # Name the case: the parent shows this subprocess's stderr when the compile fails.
-        raise RuntimeError(f"AOT compile failed for {case}") from error
-    opcodes = sorted(set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", kernel.asm["ptx"], flags=re.MULTILINE)))
-    return dict(case, shared=kernel.metadata.shared, opcodes=opcodes, spilled=spill_bytes(kernel.asm["ptx"],
-                                                                                          case["arch"]))
+    kernel, summary = aot_compile(fn, signature, constexprs, (*case["pointers"], *_ALIGNED_INTS), case)
+    return dict(summary, spilled=spill_bytes(kernel.asm["ptx"], case["arch"]))
 
 
 def _compile_all() -> list[dict]:

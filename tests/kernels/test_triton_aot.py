@@ -86,11 +86,31 @@ def _quantize_cases() -> list[dict]:
             for dtype in ("fp32", "fp16", "bf16") for arch in ARCHS]
 
 
-def _compile(case: dict) -> dict:
+def aot_compile(fn, signature: dict, constexprs: dict, aligned, case: dict):
+    """Compile Triton kernel ``fn`` ahead of time for ``case``'s arch, warps and stages, with the arguments
+    named in ``aligned`` declared 16-divisible. Returns ``(kernel, summary)``, the summary being ``case``
+    plus the shared memory, PTX opcodes and float immediates (used by every AOT test module)."""
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    try:
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", case["arch"], 32),
+                                options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+    except Exception as error:
+        # Name the case: the parent shows this subprocess's stderr when the compile fails.
+        raise RuntimeError(f"AOT compile failed for {case}") from error
+    ptx = kernel.asm["ptx"]
+    # The instructions (first token of each statement) and the float immediates are all the checks need.
+    opcodes = sorted(set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", ptx, flags=re.MULTILINE)))
+    immediates = sorted(set(re.findall(r"\b0f[0-9A-F]{8}\b", ptx)))
+    return kernel, dict(case, shared=kernel.metadata.shared, opcodes=opcodes, immediates=immediates)
+
+
+def _compile(case: dict) -> dict:
+    import triton.language as tl
 
     if case["family"].startswith("quantize"):
         from qbert.kernels.quantize_per_token import _quantize_per_token_kernel as fn
@@ -104,20 +124,7 @@ def _compile(case: dict) -> dict:
     signature = {}
     for name in fn.arg_names:
         signature[name] = "constexpr" if name in constexprs else case["pointers"].get(name, "i32")
-    divisible = [["tt.divisibility", 16]]
-    attrs = {(fn.arg_names.index(name),): divisible for name in (*case["pointers"], *aligned)}
-    try:
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                                target=GPUTarget("cuda", case["arch"], 32),
-                                options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
-    except Exception as error:
-        # Name the case: the parent shows this subprocess's stderr when the compile fails.
-        raise RuntimeError(f"AOT compile failed for {case}") from error
-    ptx = kernel.asm["ptx"]
-    # The instructions (first token of each statement) and the float immediates are all the checks need.
-    opcodes = sorted(set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", ptx, flags=re.MULTILINE)))
-    immediates = sorted(set(re.findall(r"\b0f[0-9A-F]{8}\b", ptx)))
-    return dict(case, shared=kernel.metadata.shared, opcodes=opcodes, immediates=immediates)
+    return aot_compile(fn, signature, constexprs, (*case["pointers"], *aligned), case)[1]
 
 
 def compile_cases(compile_one, cases: list[dict]) -> list[dict]:
