@@ -244,12 +244,6 @@ void run(const Args& a, int64_t M) {
   });
 }
 
-void check_param(const char* op, const char* name, const at::Tensor& p, int64_t K, const at::Tensor& x) {
-  QBERT_CHECK(at::isFloatingType(p.scalar_type()), op, name, " must be a float tensor, got ", p.scalar_type());
-  QBERT_CHECK(p.dim() == 1 && p.size(0) == K, op, name, " must have shape [K=", K, "], got ", p.sizes());
-  QBERT_CHECK(p.device() == x.device(), op, name, " must be on x's device ", x.device(), ", got ", p.device());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_quantize_cpu(const at::Tensor& x,
@@ -266,15 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_quantize_cpu(const 
               "x must be Float, Half or BFloat16, got ", dtype);
   const int64_t M = x.size(0), K = x.size(1);
   QBERT_CHECK(K >= 1, op, "x must have K >= 1, got shape ", x.sizes());
-  if (residual) {
-    QBERT_CHECK(residual->scalar_type() == dtype && residual->sizes() == x.sizes(), op,
-                "residual must have x's shape ", x.sizes(), " and dtype ", dtype, ", got ", residual->sizes(), " ",
-                residual->scalar_type());
-    QBERT_CHECK(residual->device() == x.device(), op, "residual must be on x's device, got ", residual->device());
-    QBERT_CHECK(residual->is_contiguous(), op, "residual must be contiguous, got strides ", residual->strides());
-  }
-  check_param(op, "weight", weight, K, x);
-  if (bias) check_param(op, "bias", *bias, K, x);
+  check_layernorm_operands(op, x, residual, weight, bias);
   QBERT_CHECK(eps > 0, op, "eps must be > 0, got ", eps);
 
   // [K] each: the kernel reads f32 parameters (no copy when they already are contiguous f32).

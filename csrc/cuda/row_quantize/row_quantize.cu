@@ -28,12 +28,6 @@ void check_x(const char* op, const at::Tensor& x) {
               "M and K must fit int32, got x of shape ", x.sizes());
 }
 
-void check_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& x) {
-  QBERT_CHECK(at::isFloatingType(p.scalar_type()), op, name, " must be a float tensor, got ", p.scalar_type());
-  QBERT_CHECK(p.dim() == 1 && p.size(0) == x.size(1), op, name, " must have shape [K=", x.size(1), "], got ",
-              p.sizes());
-  QBERT_CHECK(p.device() == x.device(), op, name, " must be on x's device ", x.device(), ", got ", p.device());
-}
 
 cudaError_t launch(at::ScalarType dtype, const Params& p, cudaStream_t stream) {
   switch (dtype) {
@@ -50,16 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_quantize_cuda(const
                                                                            double eps) {
   constexpr const char* op = "add_layernorm_quantize_cuda";
   check_x(op, x);
-  if (residual) {
-    QBERT_CHECK(residual->scalar_type() == x.scalar_type() && residual->sizes() == x.sizes(), op,
-                "residual must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
-                residual->sizes(), " ", residual->scalar_type());
-    QBERT_CHECK(residual->device() == x.device(), op, "residual must be on x's device ", x.device(), ", got ",
-                residual->device());
-    QBERT_CHECK(residual->is_contiguous(), op, "residual must be contiguous, got strides ", residual->strides());
-  }
-  check_param(op, "weight", weight, x);
-  if (bias) check_param(op, "bias", *bias, x);
+  check_layernorm_operands(op, x, residual, weight, bias);
   QBERT_CHECK(eps > 0, op, "eps must be > 0, got ", eps);
 
   const c10::cuda::CUDAGuard guard(x.device());
