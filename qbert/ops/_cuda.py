@@ -8,6 +8,8 @@ arch-specific ``a`` target (``9.0a``, wgmma) runs on exactly that compute capabi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MIN_CAPABILITY = (8, 0)
@@ -35,18 +37,25 @@ def capability_reasons(device: torch.device) -> list[str]:
     the registry refuses those for the cuda backend itself)."""
     if device.type != "cuda":
         return []
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return list(_capability_reasons(index))
+
+
+@functools.cache
+def _capability_reasons(index: int) -> tuple[str, ...]:
+    # Fixed per device and process, and asked on every dispatch of a cuda row: computed once.
     from qbert import _ext
 
-    capability = torch.cuda.get_device_capability(device)
+    capability = torch.cuda.get_device_capability(index)
     if capability < MIN_CAPABILITY:
-        return [(f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ (mma.sync, cp.async), "
-                 f"got {capability[0]}.{capability[1]}")]
+        return ((f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ (mma.sync, cp.async), "
+                f"got {capability[0]}.{capability[1]}"),)
     archs = _ext.build_info().get("cuda_archs", "")
     if not runs_on(archs, capability):
-        return [(f"qbert._C has machine code for {archs or 'no arch'}, none of which runs on compute "
-                 f"capability {capability[0]}.{capability[1]}; rebuild with QBERT_CUDA_ARCHS including "
-                 f"{capability[0]}.{capability[1]}")]
-    return []
+        return ((f"qbert._C has machine code for {archs or 'no arch'}, none of which runs on compute "
+                f"capability {capability[0]}.{capability[1]}; rebuild with QBERT_CUDA_ARCHS including "
+                f"{capability[0]}.{capability[1]}"),)
+    return ()
 
 
 def tensor_supports(x: torch.Tensor, *args, **kwargs) -> list[str]:
