@@ -67,8 +67,10 @@ else:
 setup(
     packages=["qbert", *(f"qbert.{p.name}" for p in sorted((ROOT / "qbert").iterdir())
                          if (p / "__init__.py").exists()), "qbert.kernels", "qbert.benchmarks"],
-    # Triton kernels and benchmarks live at the top of the repository and install inside the package
-    # (a top-level "kernels" package would clash with an unrelated PyPI project of that name).
+    # Triton kernels and benchmarks live at the top of the repository and install inside the package.
+    # kernels/ has no __init__.py: from the repository root it must not import as a top-level "kernels"
+    # package, which would shadow Hugging Face's `kernels` (transformers imports it). The symlink
+    # qbert/kernels -> ../kernels lets an editable install find qbert.kernels as well.
     package_dir={"qbert.kernels": "kernels", "qbert.benchmarks": "benchmarks"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},

@@ -1,1 +1,0 @@
-"""Triton kernels, installed as qbert.kernels. Importing any of them imports Triton."""
