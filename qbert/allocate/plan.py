@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 
 from qbert.nn.formats import LinearFormat
@@ -45,9 +46,14 @@ class Plan:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, dict):
+            raise PlanError(f"Plan: layers must be a dict of module name -> LinearFormat, got "
+                            f"{type(self.layers).__name__}")
         for name, fmt in self.layers.items():
             if not isinstance(name, str) or not isinstance(fmt, LinearFormat):
                 raise PlanError(f"Plan: layers must map module names to LinearFormat, got {name!r}: {fmt!r}")
+        if not isinstance(self.meta, dict):
+            raise PlanError(f"Plan: meta must be a dict, got {type(self.meta).__name__}")
 
     def to_json(self) -> str:
         return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION,
@@ -56,10 +62,16 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> Plan:
-        """Parse a plan; checks the format name and version and every layer's format."""
+        """Parse a plan; checks the format name and version and every layer's format (``LinearFormat``'s
+        checks: every field, of its type, in a combination an op serves). A key repeated in one object,
+        JSON that is not valid or nested too deeply to parse is a ``PlanError`` naming ``source``."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except _RepeatedKeys as exc:
+            raise PlanError(f"{source}: {exc}") from exc
+        except RecursionError as exc:
+            raise PlanError(f"{source}: not a plan: JSON nested too deeply to parse") from exc
+        except ValueError as exc:  # json.JSONDecodeError, and int's limit on digits
             raise PlanError(f"{source}: not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -100,6 +112,23 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
+        """Read the plan file ``path`` (UTF-8 JSON; see ``from_json`` for the checks)."""
         path = os.fspath(path)
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read(), source=path)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{path}: not a plan: not UTF-8 text ({exc})") from exc
+        return cls.from_json(text, source=path)
+
+
+class _RepeatedKeys(ValueError):
+    """A JSON object repeats a key (json keeps the last one silently); raised while parsing."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    if repeated:
+        raise _RepeatedKeys(f"a JSON object repeats the keys {repeated} (each key may appear once)")
+    return dict(pairs)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from qbert.ops.w4a8_linear import W4A8_BITS
 from qbert.quant.int8 import INT8_QMAX
 from qbert.quant.lowbit import LowBitScheme
 from qbert.quant.packing import packed_rows
@@ -38,6 +39,23 @@ _FLOAT32_BYTES = 4
 _INT8_BYTES = 1
 DEFAULT_GROUP_SIZE = 128
 PER_CHANNEL = -1  # the group_size override meaning "one range per output channel" (GPTQ's convention)
+_FLOAT_ACTIVATIONS_NAME = 16  # the "a16" of a mode name: activations stay in floating point
+
+
+def check_option(owner: str, option: str, value, expected: type, *, optional: bool = False) -> None:
+    """TypeError naming ``owner``, ``option`` and the value's type unless ``value`` is an ``expected``
+    (``None`` too when ``optional``). A bool is not accepted as an int (``group_size=True`` is a mistake)."""
+    if value is None and optional:
+        return
+    if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return
+    wanted = f"{expected.__name__} or None" if optional else expected.__name__
+    raise TypeError(f"{owner}: {option} must be {wanted}, got {type(value).__name__} {value!r}")
+
+
+def mode_name(weight_bits: int, activation_bits: int | None) -> str:
+    """``"w4a16"`` for 4-bit weights and float activations, ``"w4a8"`` with int8 activations."""
+    return f"w{weight_bits}a{activation_bits or _FLOAT_ACTIVATIONS_NAME}"
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,26 @@ class LinearFormat:
     row_groups: int | None = None
 
     def __post_init__(self) -> None:
+        """Refuse a format no op serves: wrong field types, activation bits other than 8 or None, a name
+        that contradicts the bits, and packed 8-bit weights with int8 activations (``w4a8_linear`` takes
+        2-4 bits; 8-bit weights with int8 activations are exactly ``w8a8``, which has no overrides)."""
+        check_option("LinearFormat", "name", self.name, str)
+        check_option("LinearFormat", "weight_bits", self.weight_bits, int)
+        check_option("LinearFormat", "activation_bits", self.activation_bits, int, optional=True)
+        check_option("LinearFormat", "symmetric", self.symmetric, bool)
+        check_option("LinearFormat", "group_size", self.group_size, int, optional=True)
+        check_option("LinearFormat", "row_groups", self.row_groups, int, optional=True)
+        if self.activation_bits not in (None, _INT8_BITS):
+            raise ValueError(f"LinearFormat: activation_bits must be {_INT8_BITS} (int8 per token) or None "
+                             f"(floating point), got {self.activation_bits!r}")
+        expected = mode_name(self.weight_bits, self.activation_bits)
+        if self.name != expected:
+            raise ValueError(f"LinearFormat: weight_bits={self.weight_bits}, activation_bits={self.activation_bits} "
+                             f"(a {expected} format) contradicts the mode {self.name!r}")
+        if self.packed and self.activation_bits == _INT8_BITS and self.weight_bits not in W4A8_BITS:
+            raise ValueError(f"LinearFormat: {self.name} is per-channel symmetric int8 and takes no group_size / "
+                             f"row_groups / symmetric override (packed weights with int8 activations have "
+                             f"{' / '.join(map(str, W4A8_BITS))} bits); got {self!r}")
         if self.packed:
             self.scheme  # noqa: B018 (validates bits, group_size and row_groups)
 
@@ -107,21 +145,23 @@ class LinearFormat:
 
     @classmethod
     def from_dict(cls, entry: dict) -> LinearFormat:
-        """The inverse of ``to_dict``; unknown or missing keys are an error naming them."""
-        fields = set(cls.__dataclass_fields__)
-        if not isinstance(entry, dict) or set(entry) - fields or "name" not in entry:
-            raise ValueError(f"LinearFormat.from_dict: expected a dict with 'name' and keys among "
-                             f"{sorted(fields)}, got {entry!r}")
-        base = linear_format(entry["name"])
-        fmt = replace(base, **entry)
-        if (fmt.weight_bits, fmt.activation_bits) != (base.weight_bits, base.activation_bits):
-            raise ValueError(f"LinearFormat.from_dict: {entry!r} contradicts the mode {base.name!r}")
-        return fmt
+        """The inverse of ``to_dict``: every field, no other key, a known mode name and values of the field
+        types (``__post_init__``); anything else is an error naming the problem."""
+        fields = list(cls.__dataclass_fields__)
+        if not isinstance(entry, dict):
+            raise ValueError(f"LinearFormat.from_dict: expected a dict with the keys {fields}, got "
+                             f"{type(entry).__name__} {entry!r}")
+        unknown, missing = sorted(set(entry) - set(fields), key=str), [f for f in fields if f not in entry]
+        if unknown or missing:
+            raise ValueError(f"LinearFormat.from_dict: expected the keys {fields}; unknown keys {unknown}, "
+                             f"missing keys {missing}, in {entry!r}")
+        linear_format(entry["name"])  # a known mode name, or the error listing them
+        return cls(**entry)
 
 
 def _lowbit(bits: int, activation_bits: int | None) -> LinearFormat:
-    name = f"w{bits}a{activation_bits or 16}"
-    return LinearFormat(name, bits, activation_bits, symmetric=False, group_size=DEFAULT_GROUP_SIZE)
+    return LinearFormat(mode_name(bits, activation_bits), bits, activation_bits, symmetric=False,
+                        group_size=DEFAULT_GROUP_SIZE)
 
 
 FORMATS: dict[str, LinearFormat] = {
@@ -143,11 +183,18 @@ def linear_format(mode: str | LinearFormat, *, group_size: int | None = None, ro
 
     group_size: K values per range, a multiple of 32, or -1 (``PER_CHANNEL``) for whole rows.
     row_groups: Q-BERT row groups (implies whole rows unless group_size is also given, which is an error).
+    symmetric: a bool. Options of another type are a TypeError naming them.
     An unknown name is an error that lists the known ones; ``w8a8`` takes no overrides.
     """
+    if not isinstance(mode, (str, LinearFormat)):
+        raise TypeError(f"linear_format: mode must be a mode name (str) or a LinearFormat, got "
+                        f"{type(mode).__name__} {mode!r}")
+    check_option("linear_format", "group_size", group_size, int, optional=True)
+    check_option("linear_format", "row_groups", row_groups, int, optional=True)
+    check_option("linear_format", "symmetric", symmetric, bool, optional=True)
     if isinstance(mode, LinearFormat):
         fmt = mode
-    elif isinstance(mode, str) and mode in FORMATS:
+    elif mode in FORMATS:
         fmt = FORMATS[mode]
     else:
         raise ValueError(f"unknown quantization mode {mode!r}; known modes: {', '.join(FORMATS)}")

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from qbert.models import family_of
+from qbert.models import FAMILIES, family_of, model_type_of
 from qbert.models._family import first_match
 from qbert.nn import fused
-from qbert.nn.formats import LinearFormat, linear_format
+from qbert.nn.formats import LinearFormat, check_option, linear_format
 from qbert.nn.qlinear import QLinear
 
 SUMMARY_ATTR = "qbert_summary"
+_NAMES_SHOWN = 3  # module names an error message lists per reason before "..."
+_WHAT_IS_QUANTIZED = ("qbert quantizes the modules of exact type nn.Linear outside the task heads "
+                     "(include_head=True adds the heads; skip=... keeps more in float)")
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,15 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
     transformers. Other modules work generically (every nn.Linear is a candidate; for a Hugging Face model
     of another type, the children outside ``model.base_model`` are treated as heads) but are untested.
 
+    Errors, raised before the model is changed: an option of the wrong type (TypeError naming it); a model
+    that is already quantized (it has QLinear layers or a ``qbert_summary``: quantize the float model) or
+    prepared for QAT (``qbert.nn.convert`` it); and zero layers to quantize (no nn.Linear, or every one
+    kept in float by the heads, ``skip`` or the plan), which names why.
+
     The result is recorded in ``model.qbert_summary`` (a ``QuantizeSummary``).
     """
+    check_option("quantize", "fuse", fuse, bool)
+    _check_not_prepared_for_qat(model)
     summary = swap_linears(model, mode, skip, include_head, group_size, row_groups, symmetric,
                            QLinear.from_linear, caller="quantize", replacement="qbert.nn.QLinear")
     if fuse:
@@ -97,16 +108,16 @@ def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: i
                  replacement: str) -> QuantizeSummary:
     """Put ``build(linear, format)`` in place of every ``nn.Linear`` that ``quantize``'s arguments select
     (one module per shared layer, placed at each of its names; it keeps the Linear's training flag);
-    ``caller`` and ``replacement`` name the public function and the module class in error messages."""
-    if isinstance(skip, str):
-        raise TypeError(f"{caller}: skip must be a sequence of patterns, got the string {skip!r} "
-                        f"(write skip=({skip!r},))")
+    ``caller`` and ``replacement`` name the public function and the module class in error messages.
+    Every check (``quantize``'s errors) runs before the model is changed."""
+    _check_options(caller, skip, include_head, group_size, row_groups, symmetric)
     if type(model) is nn.Linear:
         raise TypeError(f"{caller}: the model itself is an nn.Linear and cannot be swapped in place; "
                         f"use {replacement}.from_linear(linear, mode)")
+    _check_not_quantized(model, caller)
     family = family_of(model)
     aliases = _linear_aliases(model)
-    plan = _plan_layers(mode)
+    plan = _plan_layers(mode, caller)
     if plan is None:
         fmt = linear_format(mode, group_size=group_size, row_groups=row_groups, symmetric=symmetric)
         chosen = _uniform_choice(aliases, fmt, family, tuple(skip), include_head)
@@ -117,6 +128,8 @@ def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: i
                              f"skip and include_head apply to a single mode only")
         chosen = _plan_choice(model, aliases, plan, caller)
         label = "plan"
+    if not any(isinstance(choice, LinearFormat) for choice in chosen.values()):
+        raise ValueError(_nothing_to_quantize(model, caller, aliases, chosen, plan))
     swapped: list[str] = []
     kept_float: dict[str, str] = {}
     for key, (linear, names) in aliases.items():
@@ -132,7 +145,44 @@ def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: i
     return QuantizeSummary(label, family.name, tuple(swapped), kept_float)
 
 
-def _plan_layers(mode) -> dict[str, LinearFormat] | None:
+def _check_options(caller: str, skip, include_head, group_size, row_groups, symmetric) -> None:
+    if isinstance(skip, str):
+        raise TypeError(f"{caller}: skip must be a sequence of patterns, got the string {skip!r} "
+                        f"(write skip=({skip!r},))")
+    if not isinstance(skip, Sequence):
+        raise TypeError(f"{caller}: skip must be a sequence (tuple or list) of str patterns, got "
+                        f"{type(skip).__name__} {skip!r}")
+    for i, pattern in enumerate(skip):
+        check_option(caller, f"skip[{i}]", pattern, str)
+    check_option(caller, "include_head", include_head, bool)
+    check_option(caller, "group_size", group_size, int, optional=True)
+    check_option(caller, "row_groups", row_groups, int, optional=True)
+    check_option(caller, "symmetric", symmetric, bool, optional=True)
+
+
+def _check_not_quantized(model: nn.Module, caller: str) -> None:
+    """Quantizing again would leave the QLinear layers in their old format while reporting the new mode."""
+    summary = getattr(model, SUMMARY_ATTR, None)
+    qlinears = [m for m in model.modules() if isinstance(m, QLinear)]  # modules() yields each object once
+    marked = isinstance(summary, QuantizeSummary)
+    if not marked and not qlinears:
+        return
+    mode = summary.mode if marked else ", ".join(sorted({q.format.describe() for q in qlinears}))
+    raise ValueError(f"{caller}: {type(model).__name__} is already quantized (mode {mode!r}, {len(qlinears)} "
+                     f"QLinear layers); its layers cannot take another format: quantize the float model "
+                     f"instead (reload it, or quantize a copy.deepcopy of it)")
+
+
+def _check_not_prepared_for_qat(model: nn.Module) -> None:
+    from qbert.nn.qat import FakeQuantLinear
+
+    prepared = sorted({m.format.describe() for m in model.modules() if isinstance(m, FakeQuantLinear)})
+    if prepared:
+        raise ValueError(f"quantize: {type(model).__name__} is prepared for QAT (FakeQuantLinear layers, "
+                         f"{', '.join(prepared)}); qbert.nn.convert(model) quantizes it in those formats")
+
+
+def _plan_layers(mode, caller: str) -> dict[str, LinearFormat] | None:
     """The per-layer formats of a plan argument, or None when ``mode`` names one format for all layers."""
     from qbert.allocate.plan import Plan
 
@@ -140,7 +190,40 @@ def _plan_layers(mode) -> dict[str, LinearFormat] | None:
         return dict(mode.layers)
     if isinstance(mode, Mapping):
         return {name: linear_format(fmt) for name, fmt in mode.items()}
-    return None
+    if isinstance(mode, (str, LinearFormat)):
+        return None
+    raise TypeError(f"{caller}: mode must be a mode name (str), a LinearFormat, a qbert.allocate.Plan or a "
+                    f"mapping of module name -> format, got {type(mode).__name__} {mode!r}")
+
+
+def _nothing_to_quantize(model: nn.Module, caller: str, aliases, chosen: dict,
+                         plan: dict[str, LinearFormat] | None) -> str:
+    """Why zero layers of ``model`` could be quantized, what qbert quantizes, and the supported families."""
+    if plan is not None and not plan:
+        why = "the plan lists no layers"
+    elif not aliases:
+        why = "it has no nn.Linear layer"
+    else:
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for key, (_, names) in aliases.items():
+            by_reason[chosen[key]].extend(names)
+        why = "every nn.Linear stays in float: " + "; ".join(
+            f"{reason!r} for {len(names)} ({_some(names)})" for reason, names in by_reason.items())
+    others = sorted({type(m).__name__ for m in model.modules()
+                     if type(m) is not nn.Linear and next(m.parameters(recurse=False), None) is not None})
+    if others:
+        why += f"; its other modules with weights, which qbert does not quantize: {', '.join(others)}"
+    model_type = model_type_of(model)
+    generic = ("" if model_type in FAMILIES else
+               f"; this model ({model_type or 'no config.model_type'}) gets the generic rule (heads: the children "
+               f"outside model.base_model, if it has one)")
+    return (f"{caller}: zero layers could be quantized in {type(model).__name__}: {why}. {_WHAT_IS_QUANTIZED}; "
+            f"supported families (config.model_type): {', '.join(sorted(FAMILIES))}{generic}")
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return shown + ", ..." if len(names) > _NAMES_SHOWN else shown
 
 
 def _uniform_choice(aliases, fmt: LinearFormat, family, skip: tuple[str, ...], include_head: bool) -> dict:

@@ -46,10 +46,9 @@ def test_a_failed_save_leaves_the_earlier_file_intact(tmp_path, monkeypatch):
     (lambda d: d.update(version=2), "plan version 2; this qbert reads version 1"),
     (lambda d: d.update(layers=[]), "'layers' must be an object"),
     (lambda d: d["layers"]["b"].update(weight_bits=4), "layer 'b': .*contradicts the mode 'w2a8'"),
-    (lambda d: d["layers"]["b"].update(colour="red"), "layer 'b': .*keys among"),
     (lambda d: d["layers"]["b"].update(group_size=48), "layer 'b': .*group_size must be a positive multiple of 32"),
     (lambda d: d.update(meta=[]), "'meta' must be an object"),
-], ids=["format", "version", "layers", "contradiction", "unknown-key", "bad-group", "meta"])
+], ids=["format", "version", "layers", "contradiction", "bad-group", "meta"])
 def test_bad_plans_name_the_file_and_the_problem(tmp_path, change, match):
     data = json.loads(_plan().to_json())
     change(data)
@@ -63,4 +62,84 @@ def test_not_json(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{")
     with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(path)
+
+
+def _with_entry(entry: dict):
+    def change(data):
+        data["layers"]["b"] = entry
+    return change
+
+
+W2A8 = {"name": "w2a8", "weight_bits": 2, "activation_bits": 8, "symmetric": True, "group_size": None,
+        "row_groups": 12}
+W8A8 = {"name": "w8a8", "weight_bits": 8, "activation_bits": 8, "symmetric": True, "group_size": None,
+        "row_groups": None}
+
+
+@pytest.mark.parametrize("change,match", [
+    (_with_entry({**W8A8, "group_size": 64}), "w8a8 is per-channel symmetric int8 and takes no group_size"),
+    (_with_entry({**W8A8, "symmetric": False}), "w8a8 is per-channel symmetric int8 and takes no group_size"),
+    (_with_entry({**W8A8, "row_groups": 4}), "w8a8 is per-channel symmetric int8 and takes no group_size"),
+    (_with_entry({**W2A8, "weight_bits": 2.0}), "weight_bits must be int, got float 2.0"),
+    (_with_entry({**W2A8, "weight_bits": True}), "weight_bits must be int, got bool True"),
+    (_with_entry({**W2A8, "symmetric": "false"}), "symmetric must be bool, got str 'false'"),
+    (_with_entry({**W2A8, "symmetric": 0}), "symmetric must be bool, got int 0"),
+    (_with_entry({**W2A8, "row_groups": 12.0}), "row_groups must be int or None, got float 12.0"),
+    (_with_entry({**W2A8, "row_groups": None, "group_size": "64"}), "group_size must be int or None, got str '64'"),
+    (_with_entry({**W2A8, "activation_bits": 4}), "activation_bits must be 8 .* or None .*, got 4"),
+    (_with_entry({**W2A8, "activation_bits": None}), r"\(a w2a16 format\) contradicts the mode 'w2a8'"),
+    (_with_entry({**W2A8, "name": "w5a16"}), "unknown quantization mode 'w5a16'"),
+    (_with_entry({**W2A8, "name": 5}), r"mode must be a mode name \(str\) or a LinearFormat, got int 5"),
+    (_with_entry({**W2A8, "colour": "red"}), r"unknown keys \['colour'\], missing keys \[\]"),
+    (_with_entry({"name": "w2a8", "weight_bits": 2}), r"missing keys \['activation_bits', 'symmetric'"),
+    (_with_entry("w2a8"), "expected a dict with the keys"),
+], ids=["w8a8-group", "w8a8-asym", "w8a8-rows", "float-bits", "bool-bits", "str-symmetric", "int-symmetric",
+        "float-rows", "str-group", "a4", "contradiction", "unknown-mode", "int-name", "unknown-key", "missing-keys",
+        "not-a-dict"])
+def test_an_entry_no_format_serves_is_refused_with_the_layer_name(tmp_path, change, match):
+    data = json.loads(_plan().to_json())
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=f"{path}: layer 'b': .*{match}"):
+        Plan.load(path)
+    with pytest.raises(PlanError, match=f"^plan: layer 'b': .*{match}"):
+        Plan.from_json(json.dumps(data))
+
+
+def test_a_layer_listed_twice_is_refused(tmp_path):
+    text = _plan().to_json().replace('"a.key":', '"a.query":')
+    path = tmp_path / "twice.json"
+    path.write_text(text)
+    with pytest.raises(PlanError, match=rf"{path}: a JSON object repeats the keys \['a.query'\]"):
+        Plan.load(path)
+
+
+@pytest.mark.parametrize("layers,meta,match", [
+    ([("a", linear_format("w8a8"))], {}, "layers must be a dict of module name -> LinearFormat, got list"),
+    ({"a": {"name": "w8a8"}}, {}, "layers must map module names to LinearFormat, got 'a': {'name': 'w8a8'}"),
+    ({3: linear_format("w8a8")}, {}, "layers must map module names to LinearFormat, got 3"),
+    ({}, [], "meta must be a dict, got list"),
+], ids=["layers-list", "dict-entry", "int-name", "meta-list"])
+def test_plan_construction_checks_its_fields(layers, meta, match):
+    with pytest.raises(PlanError, match=f"^Plan: {match}"):
+        Plan(layers, meta)
+
+
+NESTING = 100_000  # deeper than json's recursion limit
+TOO_MANY_DIGITS = 5_000  # over int's default limit on digits (4300)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"[" * NESTING, "not a plan: JSON nested too deeply to parse"),
+    (b'{"a": ' * NESTING, "not a plan: JSON nested too deeply to parse"),
+    (b"\xff\xfe{\x00}\x00", "not a plan: not UTF-8 text"),
+    ('{"format": "qbert.plan", "meta": {"model": "\u00e9"}}'.encode("latin-1"), "not a plan: not UTF-8 text"),
+    (b"1" * TOO_MANY_DIGITS, "not valid JSON: .*digits"),
+], ids=["deep-list", "deep-object", "utf16", "latin1", "digits"])
+def test_unreadable_plan_files_are_plan_errors_naming_the_file(tmp_path, content, match):
+    path = tmp_path / "plan.json"
+    path.write_bytes(content)
+    with pytest.raises(PlanError, match=f"^{path}: {match}"):
         Plan.load(path)

@@ -161,3 +161,147 @@ def test_skip_must_not_be_a_string():
 def test_a_bare_linear_cannot_be_swapped_in_place():
     with pytest.raises(TypeError, match="use qbert.nn.QLinear.from_linear"):
         qbert.quantize(nn.Linear(4, 4))
+
+
+# --- no silent no-ops or wrong modes: every refusal happens before the model is changed ---
+
+GPT2_SIZES = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 64}
+FAMILY_LIST = ", ".join(sorted(FAMILIES))
+
+
+def _gpt2() -> nn.Module:
+    # GPT-2's attention and MLP projections are transformers' Conv1D, not nn.Linear; lm_head is its head.
+    import transformers
+
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_SIZES)).eval()
+
+
+def _no_linear() -> nn.Module:
+    return nn.Sequential(nn.Embedding(8, 16), nn.LayerNorm(16))
+
+
+def _module_types(model: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in model.modules()]
+
+
+@pytest.mark.parametrize("make,kwargs,why", [
+    pytest.param(_gpt2, {}, r"every nn.Linear stays in float: 'head' for 1 \(lm_head\); its other modules with "
+                 r"weights, which qbert does not quantize: Conv1D, Embedding, LayerNorm", id="gpt2"),
+    pytest.param(_gpt2, {"include_head": True, "skip": ("lm_head",)},
+                 r"every nn.Linear stays in float: 'skip: lm_head' for 1 \(lm_head\)", id="gpt2-head-skipped"),
+    pytest.param(_no_linear, {}, "it has no nn.Linear layer; its other modules with weights, which qbert does not "
+                 "quantize: Embedding, LayerNorm", id="no-linear"),
+    pytest.param(lambda: nn.Sequential(nn.ReLU()), {}, r"it has no nn.Linear layer\. ", id="no-weights"),
+    pytest.param(lambda: build("BertForSequenceClassification"), {"skip": ("bert",)},
+                 r"every nn.Linear stays in float: 'skip: bert' for 13 \(bert.encoder.layer.0.attention.self.query, "
+                 r"bert.encoder.layer.0.attention.self.key, bert.encoder.layer.0.attention.self.value, \.\.\.\); "
+                 r"'head' for 1 \(classifier\)", id="body-skipped-head-kept"),
+    pytest.param(lambda: build("BertModel"), {"include_head": True, "skip": ("*",)},
+                 r"every nn.Linear stays in float: 'skip: \*' for 13 ", id="all-skipped"),
+    pytest.param(lambda: build("BertModel"), {"mode": {}}, "the plan lists no layers", id="empty-plan"),
+])
+def test_zero_quantizable_layers_is_an_error_naming_why(make, kwargs, why):
+    model = make()
+    before = _module_types(model)
+    kwargs = {"mode": "w8a8", **kwargs}
+    with pytest.raises(ValueError, match=f"quantize: zero layers could be quantized in {type(model).__name__}: "
+                                         f"{why}") as info:
+        qbert.quantize(model, **kwargs)
+    message = str(info.value)
+    assert "qbert quantizes the modules of exact type nn.Linear outside the task heads" in message
+    assert f"supported families (config.model_type): {FAMILY_LIST}" in message
+    assert _module_types(model) == before and not hasattr(model, "qbert_summary")
+
+
+def test_prepare_qat_refuses_zero_layers_too():
+    with pytest.raises(ValueError, match="prepare_qat: zero layers could be quantized in GPT2LMHeadModel"):
+        qbert.nn.prepare_qat(_gpt2(), "w8a8")
+
+
+def _quantized_twice(mode: str) -> nn.Module:
+    return qbert.quantize(_TwoNamesForOneLinear(), mode)
+
+
+def _with_a_qlinear() -> nn.Module:  # no qbert_summary: a QLinear placed by hand
+    model = _TwoNamesForOneLinear()
+    model.out = QLinear.from_linear(model.out, "w8a16")
+    return model
+
+
+def _converted() -> nn.Module:
+    return qbert.nn.convert(qbert.nn.prepare_qat(_TwoNamesForOneLinear(), "w3a8"))
+
+
+def _marker_only() -> nn.Module:  # qbert_summary without QLinear layers (e.g. a float model's attribute copied)
+    model = _TwoNamesForOneLinear()
+    model.qbert_summary = qbert.quantize(_TwoNamesForOneLinear(), "w2a16").qbert_summary
+    return model
+
+
+@pytest.mark.parametrize("make,mode,recorded", [
+    pytest.param(lambda: _quantized_twice("w8a8"), "w8a8", "'w8a8', 2 QLinear layers", id="same-mode"),
+    pytest.param(lambda: _quantized_twice("w8a8"), "w4a16", "'w8a8', 2 QLinear layers", id="other-mode"),
+    pytest.param(lambda: _quantized_twice("w4a16"), {"out": "w8a8"}, "'w4a16 g128 asym', 2 QLinear", id="plan"),
+    pytest.param(_with_a_qlinear, "w8a8", "'w8a16', 1 QLinear layers", id="qlinear-no-marker"),
+    pytest.param(_converted, "w8a8", "'w3a8 g128 asym', 2 QLinear layers", id="qat-converted"),
+    pytest.param(_marker_only, "w8a8", "'w2a16 g128 asym', 0 QLinear layers", id="marker-only"),
+])
+@pytest.mark.parametrize("caller", ["quantize", "prepare_qat"])
+def test_an_already_quantized_model_is_refused(make, mode, recorded, caller):
+    model = make()
+    before = [(name, type(m).__name__, getattr(m, "format", None)) for name, m in model.named_modules()]
+    with pytest.raises(ValueError, match=f"{caller}: _TwoNamesForOneLinear is already quantized \\(mode "
+                                         f"{recorded}.*quantize the float model instead"):
+        getattr(qbert.nn, caller)(model, mode)
+    assert [(name, type(m).__name__, getattr(m, "format", None)) for name, m in model.named_modules()] == before
+
+
+def test_a_model_prepared_for_qat_is_refused():
+    model = qbert.nn.prepare_qat(_TwoNamesForOneLinear(), "w4a16")
+    with pytest.raises(ValueError, match=r"quantize: _TwoNamesForOneLinear is prepared for QAT \(FakeQuantLinear "
+                                         r"layers, w4a16 g128 asym\); qbert.nn.convert\(model\) quantizes it"):
+        qbert.quantize(model, "w8a8")
+    assert not [m for m in model.modules() if isinstance(m, QLinear)]
+
+
+BAD_OPTIONS = [
+    ({"symmetric": "no"}, "symmetric", "bool or None", "str 'no'"),
+    ({"symmetric": 1}, "symmetric", "bool or None", "int 1"),
+    ({"group_size": True}, "group_size", "int or None", "bool True"),
+    ({"group_size": 64.0}, "group_size", "int or None", "float 64.0"),
+    ({"group_size": "64"}, "group_size", "int or None", "str '64'"),
+    ({"row_groups": 2.0}, "row_groups", "int or None", "float 2.0"),
+    ({"row_groups": False}, "row_groups", "int or None", "bool False"),
+    ({"include_head": "yes"}, "include_head", "bool", "str 'yes'"),
+    ({"include_head": None}, "include_head", "bool", "NoneType None"),
+    ({"fuse": 0}, "fuse", "bool", "int 0"),
+    ({"fuse": "false"}, "fuse", "bool", "str 'false'"),
+    ({"skip": None}, "skip", r"a sequence \(tuple or list\) of str patterns", "NoneType None"),
+    ({"skip": {"out"}}, "skip", r"a sequence \(tuple or list\) of str patterns", r"set \{'out'\}"),
+    ({"skip": ("out", 3)}, r"skip\[1\]", "str", "int 3"),
+    ({"mode": 8}, "mode", r"a mode name \(str\), a LinearFormat, a qbert.allocate.Plan or a mapping of module "
+                          r"name -> format", "int 8"),
+    ({"mode": None}, "mode", r"a mode name \(str\), a LinearFormat, .* -> format", "NoneType None"),
+]
+
+
+@pytest.mark.parametrize("kwargs,option,wanted,got", BAD_OPTIONS,
+                         ids=[f"{key}-{type(value).__name__}" for kwargs, *_ in BAD_OPTIONS
+                              for key, value in kwargs.items()])
+def test_option_types_are_checked(kwargs, option, wanted, got):
+    model = _TwoNamesForOneLinear()
+    kwargs = {"mode": "w4a16", **kwargs}
+    with pytest.raises(TypeError, match=f"quantize: {option} must be {wanted}, got {got}"):
+        qbert.quantize(model, **kwargs)
+    assert type(model.first) is nn.Linear and type(model.out) is nn.Linear
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"symmetric": "no"}, "linear_format: symmetric must be bool or None, got str 'no'"),
+    ({"group_size": 32.0}, "linear_format: group_size must be int or None, got float 32.0"),
+    ({"row_groups": True}, "linear_format: row_groups must be int or None, got bool True"),
+    ({"mode": 4}, r"linear_format: mode must be a mode name \(str\) or a LinearFormat, got int 4"),
+], ids=["symmetric", "group_size", "row_groups", "mode"])
+def test_linear_format_checks_option_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        qbert.nn.linear_format(**{"mode": "w4a16", **kwargs})
