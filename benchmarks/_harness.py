@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from qbert.cli import finite_float, positive_int, writable_dir
+
 DEFAULT_THREADS = 2
 DEFAULT_WARMUP = 3
 DEFAULT_REPEATS = 20
@@ -290,34 +292,66 @@ class BenchOutput:
         return self
 
 
+def _items(text: str, parse: Callable[[str], Any]) -> list:
+    """The comma-separated values of a command-line list, each through ``parse``; empty items and empty
+    lists are errors (an empty sweep would time nothing)."""
+    items = text.split(",")
+    if not all(item.strip() for item in items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {text!r}")
+    values = []
+    for item in items:
+        try:
+            values.append(parse(item.strip()))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} in {text!r}: {exc}") from None
+    return values
+
+
 def int_list(text: str) -> tuple[int, ...]:
-    """``"1,16,128"`` -> ``(1, 16, 128)`` (command-line lists)."""
-    return tuple(int(v) for v in text.split(",") if v)
+    """``"1,16,128"`` -> ``(1, 16, 128)`` (command-line lists of sizes: each >= 1)."""
+    return tuple(_items(text, positive_int))
+
+
+_FINITE = finite_float()
 
 
 def float_list(text: str) -> tuple[float, ...]:
-    """``"1,0.5"`` -> ``(1.0, 0.5)`` (command-line lists)."""
-    return tuple(float(v) for v in text.split(",") if v)
+    """``"1,0.5"`` -> ``(1.0, 0.5)`` (command-line lists: each finite)."""
+    return tuple(_items(text, _FINITE))
 
 
 def str_list(text: str) -> list[str]:
     """``"cuda,triton"`` -> ``["cuda", "triton"]`` (command-line lists)."""
-    return text.split(",")
+    return _items(text, str)
+
+
+def backend_list(text: str) -> list[str]:
+    """``"cuda,triton"`` -> ``["cuda", "triton"]``, each a backend of qbert's registry."""
+    from qbert.ops._registry import BACKENDS
+
+    def known(name: str) -> str:
+        if name not in BACKENDS:
+            raise argparse.ArgumentTypeError(f"unknown backend; known: {', '.join(BACKENDS)}")
+        return name
+
+    return _items(text, known)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every suite's command line has: --smoke, --out, --threads."""
+    """The options every suite's command line (and ``qbert bench``) has: --smoke, --out, --threads. The
+    output directory is checked while parsing, before any timing."""
     parser.add_argument("--smoke", action="store_true", help="tiny cases, few repeats (seconds)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=writable_dir, default=None,
                         help=f"output dir (default {DEFAULT_RESULTS_DIR}; ./{SMOKE_RESULTS_DIR} with --smoke)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (CPU timings)")
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                        help=f"torch threads (CPU timings; default {DEFAULT_THREADS})")
 
 
 def add_gemm_arguments(parser: argparse.ArgumentParser, backends_default: str) -> None:
     """The GEMM suites' sweep options: --m (token counts) and --backends (``backends_default`` says
     which run without it)."""
     parser.add_argument("--m", type=int_list, default=None, help="comma-separated token counts M")
-    parser.add_argument("--backends", type=str_list, default=None,
+    parser.add_argument("--backends", type=backend_list, default=None,
                         help=f"qbert backends to time (default: {backends_default})")
 
 

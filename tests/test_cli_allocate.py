@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import string
 
 import pytest
+import torch
 import transformers
 
 import qbert
 from qbert import cli
-from qbert.allocate import Plan
-from qbert.nn import QLinear
+from qbert.allocate import Plan, command
+from qbert.nn import QLinear, linear_format
 from tests.nn import _tiny_models as T
+from tests.test_cli_errors import assert_user_error
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["".join(p) for p in itertools.product(string.ascii_lowercase, repeat=2)][: T.VOCAB - len(SPECIAL)]
@@ -31,6 +32,15 @@ def _save(tmp_path, class_name):
 
 def _sentences():
     return [" ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(5 + i)) for i in range(EXAMPLES)]
+
+
+@pytest.fixture(autouse=True)
+def no_loading_bars():
+    """transformers draws a progress bar on stderr while it loads weights; without it, stderr holds only
+    what qbert prints (a real run shows that bar above an error found after loading)."""
+    transformers.utils.logging.disable_progress_bar()
+    yield
+    transformers.utils.logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +90,18 @@ def test_allocate_eigen_rank_on_a_masked_lm_with_text_data(tmp_path, capsys):
     assert plan.meta["method"] == "rank" and plan.meta["scores"] == plan.meta["scalar_sensitivity"]
 
 
+# Errors found once the model and the data are loaded, before the Hessian work (the option checks made
+# while parsing are in tests/test_cli_errors.py).
 @pytest.mark.parametrize("extra,match", [
-    (["--budget", "3 bytes"], "bad budget '3 bytes'"),
     (["--budget", "0.001MB"], "below the smallest achievable size"),
-    ([], "--solver milp needs --budget"),
-    (["--budget", "3bits", "--formats", "w5a16"], "unknown quantization mode 'w5a16'"),
     (["--budget", "3bits", "--method", "eigen", "--subsets", "9"], "--subsets 9 needs between 1 and the 2"),
-], ids=["grammar", "infeasible", "no-budget", "format", "subsets"])
+    (["--budget", "3bits", "--max-length", "1"], "max_length >= 2"),
+], ids=["infeasible", "subsets", "max-length"])
 def test_allocate_errors_are_one_line(classifier, tmp_path, capsys, extra, match):
     model_dir, data = classifier
     args = ["allocate", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "p.json"),
             "--batch-size", "4", "--max-batches", "2", "--probes", "2", "--no-plot", *extra]
-    assert cli.main(args) == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
-    assert last.startswith("qbert allocate: ") and re.search(match, last), last
+    assert_user_error(args, capsys, match)
 
 
 def test_classification_needs_labels(classifier, tmp_path, capsys):
@@ -102,13 +110,62 @@ def test_classification_needs_labels(classifier, tmp_path, capsys):
     data.write_text("aa ab\n")
     args = ["allocate", "--model", str(model_dir), "--data", str(data), "--budget", "3bits",
             "--out", str(tmp_path / "p.json"), "--no-plot"]
-    assert cli.main(args) == 1
-    assert "needs an integer 'label' in every example" in capsys.readouterr().err
+    assert_user_error(args, capsys, "needs an integer 'label' in every example")
+
+
+@pytest.mark.parametrize("label", [2, 7, -1])
+def test_labels_outside_num_labels_are_refused(classifier, tmp_path, capsys, label):
+    model_dir, _ = classifier  # num_labels = 2
+    data = tmp_path / "labels.jsonl"
+    labels = [0, 1, 1, label]
+    data.write_text("".join(json.dumps({"text": s, "label": y}) + "\n" for s, y in zip(_sentences(), labels)))
+    args = ["allocate", "--model", str(model_dir), "--data", str(data), "--budget", "3bits", "--batch-size", "3",
+            "--out", str(tmp_path / "p.json"), "--no-plot"]
+    assert_user_error(args, capsys, rf"--data .*labels.jsonl: example 4 has label {label}; "
+                                    rf"BertForSequenceClassification has num_labels=2, so a label must be in 0\.\.1$")
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("num_labels,problem_type,refused", [
+    (3, None, True), (3, "single_label_classification", True),
+    (1, None, False), (3, "regression", False), (3, "multi_label_classification", False),
+], ids=["classes", "single-label", "one-label-regression", "regression", "multi-label"])
+def test_label_range_applies_to_class_index_losses_only(num_labels, problem_type, refused):
+    model = T.build("BertForSequenceClassification", num_labels=num_labels, problem_type=problem_type)
+    batches = [{"labels": torch.tensor([0, 1])}, {"labels": torch.tensor([num_labels])}]
+    if refused:
+        with pytest.raises(cli.UsageError, match=f"example 3 has label {num_labels};"):
+            command.check_labels(model, batches, "data.jsonl")
+    else:
+        command.check_labels(model, batches, "data.jsonl")
+
+
+@pytest.mark.parametrize("command_name", ["allocate", "quantize"])
+def test_a_model_directory_without_weights_is_one_line(classifier, tmp_path, capsys, command_name):
+    _, data = classifier
+    model_dir = tmp_path / "config-only"
+    T.build("BertForSequenceClassification").save_pretrained(model_dir)
+    (model_dir / transformers.utils.SAFE_WEIGHTS_NAME).unlink()
+    plan = tmp_path / "plan.json"
+    Plan({}, {}).save(plan)
+    args = {"allocate": ["allocate", "--model", str(model_dir), "--data", str(data), "--budget", "3bits",
+                         "--out", str(tmp_path / "p.json"), "--no-plot"],
+            "quantize": ["quantize", "--model", str(model_dir), "--plan", str(plan), "--out", str(tmp_path / "q")]}
+    assert_user_error(args[command_name], capsys, r"cannot read --.*config-only.*: .*no file named model.safetensors")
 
 
 def test_quantize_reports_a_bad_plan(classifier, tmp_path, capsys):
     model_dir, _ = classifier
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    assert cli.main(["quantize", "--model", str(model_dir), "--plan", str(bad), "--out", str(tmp_path / "q")]) == 1
-    assert "not a qbert plan" in capsys.readouterr().err
+    assert_user_error(["quantize", "--model", str(model_dir), "--plan", str(bad), "--out", str(tmp_path / "q")],
+                      capsys, "not a qbert plan")
+
+
+def test_quantize_reports_a_plan_for_another_model(classifier, tmp_path, capsys):
+    model_dir, _ = classifier
+    plan = tmp_path / "other.json"
+    Plan({"encoder.layer.99.output.dense": linear_format("w8a16")}, {}).save(plan)
+    args = ["quantize", "--model", str(model_dir), "--plan", str(plan), "--out", str(tmp_path / "q")]
+    assert_user_error(args, capsys, r"--plan .*other.json does not fit --model .*: .*'encoder.layer.99.output.dense'")
+    assert not (tmp_path / "q").exists()

@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from qbert.allocate.allocator import METHODS, RANK_METHODS, allocate
-from qbert.allocate.budget import BITS_PER_BYTE, MB, parse_budget
-from qbert.allocate.calibration import calibration, load_model
+from qbert.allocate.budget import BITS_PER_BYTE, MB, Budget, parse_budget
+from qbert.allocate.calibration import CalibrationError, calibration, load_model, task_of
 from qbert.allocate.layers import default_ties, quantizable_modules
-from qbert.allocate.plan import Plan
+from qbert.allocate.plan import Plan, PlanError
 from qbert.allocate.solvers import AllocationError
+from qbert.cli import (
+    UsageError,
+    device,
+    existing_dir,
+    existing_file,
+    finite_float,
+    int_in_range,
+    positive_int,
+    writable_dir,
+    writable_file,
+)
 
 DEFAULT_FORMATS = "w2a16,w3a16,w4a16,w8a16"
 SENSITIVITY_METHODS = ("trace", "eigen")
 QUANTIZED_FILE = "model.safetensors"
+# Power iteration stops when ||H v - lambda v|| <= rel_tol * |lambda|: a tolerance of 1 or more would accept
+# an estimate off by as much as the eigenvalue itself.
+REL_TOL = finite_float(0.0, 1.0, open_low=True, open_high=True)
+SEED = int_in_range(0, 2**64 - 1)  # torch.Generator.manual_seed takes a 64-bit seed
+# Classification losses that index the logits with the label (regression and multi-label ones do not).
+_INDEXING_PROBLEMS = (None, "single_label_classification")
 _SCALAR_LABEL = {"trace": "Tr(H) / n (Hutchinson)", "eigen": "Q-BERT Omega = |mean lambda| + std lambda"}
 
 ALLOCATE_HELP = f"""\
@@ -44,42 +63,54 @@ sensitivity per layer, coloured by the chosen format.
 """
 
 
+def budget_arg(text: str) -> Budget:
+    """The --budget argument type: ``parse_budget``'s error as argparse's."""
+    try:
+        return parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = ALLOCATE_HELP
-    parser.add_argument("--model", required=True, help="save_pretrained model directory")
-    parser.add_argument("--data", required=True, help="calibration examples (.jsonl or text)")
-    parser.add_argument("--budget", help="3bits, 2.5bits or 40MB (not with --solver rank/reverse)")
+    parser.add_argument("--model", required=True, type=existing_dir, help="save_pretrained model directory")
+    parser.add_argument("--data", required=True, type=existing_file, help="calibration examples (.jsonl or text)")
+    parser.add_argument("--budget", type=budget_arg, help="3bits, 2.5bits or 40MB (not with --solver rank/reverse)")
     parser.add_argument("--method", choices=SENSITIVITY_METHODS, default="trace", help="sensitivity (default trace)")
-    parser.add_argument("--out", required=True, help="the plan file to write (JSON)")
+    parser.add_argument("--out", required=True, type=writable_file, help="the plan file to write (JSON)")
     parser.add_argument("--solver", choices=METHODS, default="milp", help="allocation method (default milp)")
     parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"candidate modes (default {DEFAULT_FORMATS})")
     parser.add_argument("--group-size", type=int, help="K values per range for every format (-1: per channel)")
     parser.add_argument("--row-groups", type=int, help="Q-BERT row groups for every format")
     parser.add_argument("--symmetric", action="store_true", help="symmetric codes for every format")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per batch (default 8)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example at most (default 128)")
-    parser.add_argument("--max-batches", type=int, default=4, help="calibration batches (default 4)")
-    parser.add_argument("--probes", type=int, default=32, help="trace: Hutchinson probes (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
+    parser.add_argument("--max-length", type=positive_int, default=128,
+                        help="tokens per example at most (default 128)")
+    parser.add_argument("--max-batches", type=positive_int, default=4, help="calibration batches (default 4)")
+    parser.add_argument("--probes", type=positive_int, default=32, help="trace: Hutchinson probes (default 32)")
     parser.add_argument("--joint", action="store_true",
                         help="trace: one probe and one double backward for all layers at once (faster, noisier)")
-    parser.add_argument("--subsets", type=int, default=2, help="eigen: data subsets (default 2)")
-    parser.add_argument("--max-iter", type=int, default=100, help="eigen: power iterations at most (default 100)")
-    parser.add_argument("--rel-tol", type=float, default=1e-3, help="eigen: relative residual to stop (default 1e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="probes, start vectors and MLM masks (default 0)")
+    parser.add_argument("--subsets", type=positive_int, default=2, help="eigen: data subsets (default 2)")
+    parser.add_argument("--max-iter", type=positive_int, default=100,
+                        help="eigen: power iterations at most (default 100)")
+    parser.add_argument("--rel-tol", type=REL_TOL, default=1e-3,
+                        help="eigen: relative residual to stop, in (0, 1) (default 1e-3)")
+    parser.add_argument("--seed", type=SEED, default=0, help="probes, start vectors and MLM masks (default 0)")
     parser.add_argument("--no-ties", action="store_true", help="let Q, K and V take different formats")
-    parser.add_argument("--plot", help="plot file (default: --out with .png)")
-    parser.add_argument("--no-plot", action="store_true", help="write no plot")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    plot = parser.add_mutually_exclusive_group()
+    plot.add_argument("--plot", type=writable_file, help="plot file (default: --out with .png)")
+    plot.add_argument("--no-plot", action="store_true", help="write no plot")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the Hessian products run (default cuda when available, else cpu)")
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (f"Apply a plan (qbert allocate) to a save_pretrained model and write "
                           f"qbert.save_quantized output to OUT/{QUANTIZED_FILE}; prints the size table.")
-    parser.add_argument("--model", required=True, help="save_pretrained model directory")
-    parser.add_argument("--plan", required=True, help="plan file (JSON)")
-    parser.add_argument("--out", required=True, help=f"output directory (gets {QUANTIZED_FILE})")
+    parser.add_argument("--model", required=True, type=existing_dir, help="save_pretrained model directory")
+    parser.add_argument("--plan", required=True, type=existing_file, help="plan file (JSON)")
+    parser.add_argument("--out", required=True, type=writable_dir, help=f"output directory (gets {QUANTIZED_FILE})")
 
 
 def _formats(args: argparse.Namespace) -> list:
@@ -87,9 +118,42 @@ def _formats(args: argparse.Namespace) -> list:
 
     names = [name.strip() for name in args.formats.split(",") if name.strip()]
     if not names:
-        raise AllocationError("--formats is empty")
-    return [linear_format(name, group_size=args.group_size, row_groups=args.row_groups,
-                          symmetric=True if args.symmetric else None) for name in names]
+        raise UsageError("--formats is empty")
+    try:  # linear_format's ValueErrors are about these options: an unknown mode, a bad override
+        return [linear_format(name, group_size=args.group_size, row_groups=args.row_groups,
+                              symmetric=True if args.symmetric else None) for name in names]
+    except ValueError as exc:
+        raise UsageError(f"--formats {args.formats} (with --group-size / --row-groups / --symmetric): {exc}") from exc
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """An input that cannot be read (OSError: missing weights, a permission) is the user's to fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"cannot read {what}: {exc}") from exc
+
+
+def check_labels(model: torch.nn.Module, batches: list[dict], data: str | os.PathLike) -> None:
+    """Every classification label of ``batches`` indexes the logits: 0 <= label < num_labels.
+
+    Applies to single-label classification (the cross-entropy loss), not to masked LM batches (their
+    labels are token ids), regression (``num_labels == 1`` or that problem_type: any target value) or
+    multi-label classification."""
+    config = model.config
+    if task_of(model) != "classification" or config.num_labels == 1 or config.problem_type not in _INDEXING_PROBLEMS:
+        return
+    seen = 0
+    for batch in batches:
+        labels = batch["labels"]
+        bad = ((labels < 0) | (labels >= config.num_labels)).nonzero().flatten()
+        if len(bad):
+            row = int(bad[0])
+            raise UsageError(f"--data {data}: example {seen + row + 1} has label {int(labels[row])}; "
+                             f"{type(model).__name__} has num_labels={config.num_labels}, so a label must be "
+                             f"in 0..{config.num_labels - 1}")
+        seen += len(labels)
 
 
 def _sensitivity(args, model, names, batches, loss_fn, formats) -> tuple[dict, dict, dict]:
@@ -153,16 +217,17 @@ def _report(plan: Plan, scalar: dict[str, float]) -> str:
 
 
 def run_allocate(args: argparse.Namespace) -> int:
-    budget = None if args.budget is None else parse_budget(args.budget)
+    budget = args.budget
     if budget is None and args.solver not in RANK_METHODS:
-        raise AllocationError(f"--solver {args.solver} needs --budget (e.g. 3bits or 40MB)")
-    if args.plot and args.no_plot:
-        raise AllocationError("--plot and --no-plot contradict each other")
+        raise UsageError(f"--solver {args.solver} needs --budget (e.g. 3bits or 40MB)")
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
-        raise AllocationError("the plot needs matplotlib (pip install 'qbert[bench]'); or pass --no-plot")
+        raise UsageError("the plot needs matplotlib (pip install 'qbert[bench]'); or pass --no-plot")
     formats = _formats(args)
-    model, batches, loss_fn = calibration(args.model, args.data, batch_size=args.batch_size,
-                                          max_length=args.max_length, max_batches=args.max_batches, seed=args.seed)
+    with _reading(f"--model {args.model} / --data {args.data}"):
+        model, batches, loss_fn = calibration(args.model, args.data, batch_size=args.batch_size,
+                                              max_length=args.max_length, max_batches=args.max_batches,
+                                              seed=args.seed)
+    check_labels(model, batches, args.data)
     model.to(args.device)
     names = quantizable_modules(model)
     ties = [] if args.no_ties else [t for t in default_ties(model) if all(n in names for n in t)]
@@ -203,9 +268,13 @@ def size_table(model) -> str:
 def run_quantize(args: argparse.Namespace) -> int:
     import qbert
 
-    plan = Plan.load(args.plan)
-    model = load_model(args.model)
-    qbert.quantize(model, plan)
+    with _reading(f"--plan {args.plan} / --model {args.model}"):
+        plan = Plan.load(args.plan)
+        model = load_model(args.model)
+    try:  # quantize's ValueErrors with a plan: it names a layer the model lacks, or splits a shared one
+        qbert.quantize(model, plan)
+    except ValueError as exc:
+        raise UsageError(f"--plan {args.plan} does not fit --model {args.model}: {exc}") from exc
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, QUANTIZED_FILE)
     qbert.save_quantized(model, path)
@@ -214,6 +283,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-# What the commands report as one line and exit status 1: bad arguments, budgets, plans, models and data
-# (AllocationError, CalibrationError, PlanError and linear_format's errors are ValueErrors), missing files.
-ERRORS = (ValueError, OSError)
+# What the commands raise for the user's inputs, reported by qbert.cli.main as one line and exit status 2
+# (besides qbert.cli.UsageError): a model or data file that cannot be used, an infeasible budget, a bad plan.
+ERRORS = (CalibrationError, AllocationError, PlanError)
