@@ -7,9 +7,11 @@ File layout: the tensors of ``model.state_dict()`` (shared tensors stored once, 
 key                        value
 =========================  ===================================================================
 ``qbert.format``           ``"qbert.quantized"``
-``qbert.format_version``   ``"2"`` (``FORMAT_VERSION``; version 1 files, int8 layers only, still load;
-                           a reader refuses versions it does not know)
-``qbert.model_class``      the transformers class name, e.g. ``"BertForMaskedLM"``
+``qbert.format_version``   ``"3"`` (``FORMAT_VERSION``; versions 1 and 2, which have no checksum, still
+                           load, with a warning to save them again; a reader refuses versions it does
+                           not know)
+``qbert.model_class``      the transformers class name, e.g. ``"BertForMaskedLM"``, of a family in
+                           ``qbert.models.FAMILIES``
 ``qbert.config``           the model config as JSON (``config.to_json_string(use_diff=False)``)
 ``qbert.float_dtype``      the dtype of the float tensors, e.g. ``"float32"``
 ``qbert.layers``           JSON list, one entry per QLinear: ``{"names": [...], "mode": "w4a16",
@@ -17,33 +19,45 @@ key                        value
                            row_groups), "in_features": K, "out_features": N, "bias": true,
                            "bias_dtype": "float32" | null}`` (a shared layer lists all its names;
                            version 1 entries have no "format": their mode is an int8 mode)
+``qbert.checksum``         ``"sha256:<hex>"`` of the state_dict (``state_dict_checksum``); version 3 on
 ``qbert.version``          the qbert version that wrote the file (informational)
 =========================  ===================================================================
 
-``load_quantized`` rebuilds the architecture with ``getattr(transformers, model_class)(config)`` (no hub
-access), puts an empty QLinear at every name in ``qbert.layers`` (one object per entry, so shared layers
-stay shared), checks every tensor's shape and dtype, then loads strictly.
+A file is data, never code. ``load_quantized`` trusts nothing in it but the names of transformers'
+own model classes of qbert's families and qbert's formats, and refuses, before it builds anything real:
+a model class outside those families or whose ``model_type`` differs from the config's; a config that
+names remote code (``REMOTE_CODE_KEYS``) or an implementation other than transformers' built-in
+attention (``BUILT_IN_IMPLEMENTATIONS``), or whose fields have the wrong types; malformed layer entries;
+and tensors whose names, shapes or dtypes differ from those of the model rebuilt from the metadata on the
+meta device. Only then does it build the model on the CPU, load the tensors and verify the checksum.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
+import warnings
 
 import safetensors
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from qbert.models import FAMILIES
 from qbert.nn.formats import INT8_MODES, LinearFormat
 from qbert.nn.fused import fuse
 from qbert.nn.qlinear import QLinear
 from qbert.ops._checks import FLOAT_DTYPES
 
 FORMAT_NAME = "qbert.quantized"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+CHECKSUM_SINCE_VERSION = 3
 
 KEY_FORMAT = "qbert.format"
 KEY_FORMAT_VERSION = "qbert.format_version"
@@ -51,15 +65,54 @@ KEY_MODEL_CLASS = "qbert.model_class"
 KEY_CONFIG = "qbert.config"
 KEY_FLOAT_DTYPE = "qbert.float_dtype"
 KEY_LAYERS = "qbert.layers"
+KEY_CHECKSUM = "qbert.checksum"
 KEY_QBERT_VERSION = "qbert.version"
 
+CHECKSUM_ALGORITHM = "sha256"
+_CHECKSUM_PATTERN = re.compile(rf"{CHECKSUM_ALGORITHM}:[0-9a-f]{{64}}")
+
+# The implementations a config may select (attn_implementation, _attn_implementation,
+# experts_implementation, ... : every key ending in "implementation"): transformers' built-in attention,
+# which needs no download. Any other value makes transformers look for a kernel on the hub or elsewhere.
+BUILT_IN_IMPLEMENTATIONS = ("eager", "sdpa")
+_IMPLEMENTATION_KEY = re.compile(r"implementation(_internal)?$")
+# Config keys that make transformers import code named by the config (remote code).
+REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines", "code_revision", "_auto_class")
+# Config fields that size tensors or count layers, heads or labels in the supported families: positive
+# ints, none larger than the largest dimension of a stored tensor (the vocabulary or position table).
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size", "embedding_size", "num_hidden_groups",
+               "inner_group_num", "dim", "n_layers", "n_heads", "hidden_dim", "num_labels")
+
+# Temporary files of a save: ".<target name>.<pid>.<random>.qbert-tmp" next to the target.
+TEMP_SUFFIX = ".qbert-tmp"
+_TEMP_RANDOM = "[a-z0-9_]+"  # tempfile.mkstemp's random part
 # rw-r--r--: what a plainly created file gets under the common umask 022 (mkstemp makes it rw-------).
 _FILE_MODE = 0o644
 _FLOAT_DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+# safetensors' dtype names for the dtypes a quantized model holds (codes, scales, float tensors).
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64,
+                       "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# What building a transformers model raises for a config it cannot build (e.g. heads not dividing hidden).
+_BUILD_ERRORS = (ValueError, TypeError, RuntimeError, ArithmeticError, LookupError, AttributeError)
+
+
+# One checked qbert.layers entry: names, in_features, out_features, bias, bias dtype, format.
+_LayerSpec = tuple[list[str], int, int, bool, torch.dtype, "LinearFormat | str"]
 
 
 class QuantizedFileError(ValueError):
     """A file is not a loadable qbert quantized model; the message names the file and the problem."""
+
+
+def state_dict_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """``"sha256:<hex>"`` over the tensors in name order: each name, dtype, shape and (row-major) bytes."""
+    digest = hashlib.new(CHECKSUM_ALGORITHM)
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach()
+        digest.update(f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
 
 
 # ---- save -------------------------------------------------------------------------------------------
@@ -69,11 +122,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
 
     The file is written to a temporary file in the same directory and moved over ``path`` with
     ``os.replace``, so a failed save leaves an earlier file at ``path`` intact and no temporary file.
+    Temporary files for ``path`` that a killed save left behind (their process is gone) are removed first.
     """
     path = os.fspath(path)
     metadata = _metadata(model)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    directory, name = os.path.split(os.path.abspath(path))
+    _remove_stale_temp_files(directory, name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=directory)
     os.close(fd)
     try:
         save_model(model, tmp, metadata=metadata)
@@ -86,6 +141,28 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
+def _remove_stale_temp_files(directory: str, name: str) -> None:
+    """Remove save_quantized's temporary files for the target ``name`` whose writing process is gone."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.{_TEMP_RANDOM}{re.escape(TEMP_SUFFIX)}")
+    for entry in os.listdir(directory):
+        match = pattern.fullmatch(entry)
+        if match and not _process_running(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):  # another save removed it first
+                os.remove(os.path.join(directory, entry))
+
+
+def _process_running(pid: int) -> bool:
+    if pid <= 0:  # no saving process has such an id (and os.kill would signal a process group)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
 def _metadata(model: nn.Module) -> dict[str, str]:
     import transformers
 
@@ -95,6 +172,10 @@ def _metadata(model: nn.Module) -> dict[str, str]:
     if getattr(transformers, class_name, None) is not type(model):
         raise TypeError(f"save_quantized: {type(model).__qualname__} is not a transformers model class "
                         f"(load_quantized rebuilds the model as getattr(transformers, class_name)(config))")
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise TypeError(f"save_quantized: {class_name} has model_type {model_type!r}; load_quantized "
+                        f"rebuilds only the families {', '.join(FAMILIES)}")
     return {
         KEY_FORMAT: FORMAT_NAME,
         KEY_FORMAT_VERSION: str(FORMAT_VERSION),
@@ -102,6 +183,7 @@ def _metadata(model: nn.Module) -> dict[str, str]:
         KEY_CONFIG: model.config.to_json_string(use_diff=False),
         KEY_FLOAT_DTYPE: _float_dtype_name(model),
         KEY_LAYERS: json.dumps(_layer_entries(model)),
+        KEY_CHECKSUM: state_dict_checksum(model.state_dict()),
         KEY_QBERT_VERSION: __version__,
     }
 
@@ -142,31 +224,59 @@ def _layer_entries(model: nn.Module) -> list[dict]:
 def load_quantized(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model saved by ``save_quantized`` at ``path`` (on CPU, in eval mode), offline.
 
-    Raises ``QuantizedFileError`` naming the file for a corrupt file, a missing or unknown format or
-    format version, or tensors whose names, shapes or dtypes do not match the rebuilt model.
+    Raises ``QuantizedFileError`` naming the file and the problem for a missing file or a directory, a
+    corrupt file, a missing or unknown format or format version, a model class outside qbert's families,
+    a config that names remote code or a non-built-in implementation or has fields of the wrong type,
+    malformed layer entries, tensors whose names, shapes or dtypes do not match the model rebuilt from
+    the metadata (checked on the meta device, before anything real is built), or a checksum mismatch.
     """
     path = os.fspath(path)
-    metadata = _read_metadata(path)
-    model = _build_model(path, metadata)
-    for entry in _parse_json(path, metadata, KEY_LAYERS):
-        _place_qlinear(path, model, entry)
-    _check_tensors(path, model)
+    metadata, stored = _read_header(path)
+    version = int(metadata[KEY_FORMAT_VERSION])
+    model_class = _model_class(path, metadata)
+    config = _config(path, metadata, model_class, stored)
+    dtype = _FLOAT_DTYPES.get(metadata[KEY_FLOAT_DTYPE])
+    if dtype is None:
+        raise QuantizedFileError(f"load_quantized: {path}: float dtype {metadata[KEY_FLOAT_DTYPE]!r} is not "
+                                 f"one of {', '.join(_FLOAT_DTYPES)}")
+    layers = _layer_specs(path, metadata)
+    with torch.device("meta"):
+        skeleton = _build(path, model_class, config, dtype, layers)
+    _check_tensors(path, skeleton, stored)
+
+    model = _build(path, model_class, config, dtype, layers)
     try:
         load_model(model, path, strict=True)
     except safetensors.SafetensorError as exc:
         raise QuantizedFileError(f"load_quantized: {path}: the tensor data cannot be read: {exc}") from exc
-    except RuntimeError as exc:
-        raise QuantizedFileError(f"load_quantized: {path}: the tensors do not match the model rebuilt "
-                                 f"from the file's metadata: {exc}") from exc
+    _check_checksum(path, metadata, version, model)
     fuse(model)  # as qbert.quantize does by default; the fused modules keep every parameter's name
     return model.eval()
 
 
-def _read_metadata(path: str) -> dict[str, str]:
+def _read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+    """The file's metadata (format and version checked) and its tensors' shapes and dtype names.
+
+    Reads only the safetensors header, never the tensor data.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as exc:
+        raise QuantizedFileError(f"load_quantized: {path}: no such file") from exc
+    except OSError as exc:
+        raise QuantizedFileError(f"load_quantized: {path} cannot be read: {exc}") from exc
+    if stat.S_ISDIR(mode):
+        raise QuantizedFileError(f"load_quantized: {path} is a directory, not a qbert quantized model file")
+    if not stat.S_ISREG(mode):
+        raise QuantizedFileError(f"load_quantized: {path} is not a regular file")
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-    except safetensors.SafetensorError as exc:
+            stored = {}
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                header = f.get_slice(key)
+                stored[key] = (list(header.get_shape()), header.get_dtype())
+    except (safetensors.SafetensorError, OSError) as exc:
         raise QuantizedFileError(f"load_quantized: {path} is not a readable safetensors file: {exc}") from exc
     if metadata.get(KEY_FORMAT) != FORMAT_NAME:
         raise QuantizedFileError(f"load_quantized: {path} is not a qbert quantized model: metadata "
@@ -178,10 +288,17 @@ def _read_metadata(path: str) -> dict[str, str]:
     if version not in {str(v) for v in READABLE_VERSIONS}:
         raise QuantizedFileError(f"load_quantized: {path} has format version {version!r}; "
                                  f"this qbert reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    missing = [k for k in (KEY_MODEL_CLASS, KEY_CONFIG, KEY_FLOAT_DTYPE, KEY_LAYERS) if k not in metadata]
+    required = [KEY_MODEL_CLASS, KEY_CONFIG, KEY_FLOAT_DTYPE, KEY_LAYERS]
+    if int(version) >= CHECKSUM_SINCE_VERSION:
+        required.append(KEY_CHECKSUM)
+    missing = [k for k in required if k not in metadata]
     if missing:
         raise QuantizedFileError(f"load_quantized: {path} lacks the metadata {missing}")
-    return metadata
+    if KEY_CHECKSUM in required and not _CHECKSUM_PATTERN.fullmatch(metadata[KEY_CHECKSUM]):
+        raise QuantizedFileError(f"load_quantized: {path}: metadata {KEY_CHECKSUM!r} is "
+                                 f"{metadata[KEY_CHECKSUM]!r}, expected '{CHECKSUM_ALGORITHM}:' and 64 hex "
+                                 f"digits")
+    return metadata, stored
 
 
 def _parse_json(path: str, metadata: dict[str, str], key: str):
@@ -192,7 +309,8 @@ def _parse_json(path: str, metadata: dict[str, str], key: str):
             from exc
 
 
-def _build_model(path: str, metadata: dict[str, str]) -> nn.Module:
+def _model_class(path: str, metadata: dict[str, str]) -> type:
+    """The transformers class the file names, if it is a model class of one of qbert's families."""
     import transformers
 
     class_name = metadata[KEY_MODEL_CLASS]
@@ -200,27 +318,151 @@ def _build_model(path: str, metadata: dict[str, str]) -> nn.Module:
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise QuantizedFileError(f"load_quantized: {path}: model class {class_name!r} is not a transformers "
                                  f"model class in transformers {transformers.__version__}")
-    dtype = _FLOAT_DTYPES.get(metadata[KEY_FLOAT_DTYPE])
-    if dtype is None:
-        raise QuantizedFileError(f"load_quantized: {path}: float dtype {metadata[KEY_FLOAT_DTYPE]!r} is not "
-                                 f"one of {', '.join(_FLOAT_DTYPES)}")
-    config = model_class.config_class.from_dict(_parse_json(path, metadata, KEY_CONFIG))
-    return model_class(config).to(dtype)
+    if model_class.config_class.model_type not in FAMILIES:
+        raise QuantizedFileError(f"load_quantized: {path}: model class {class_name!r} (model_type "
+                                 f"{model_class.config_class.model_type!r}) is not of a family qbert "
+                                 f"supports: {', '.join(FAMILIES)}")
+    return model_class
 
 
-def _place_qlinear(path: str, model: nn.Module, entry: dict) -> None:
-    """Put one empty QLinear described by ``entry`` at each of its names (Linears in the float model)."""
+def _config(path: str, metadata: dict[str, str], model_class: type, stored: dict):
+    """The config object, after checking the JSON for remote code, implementations and field types.
+
+    qbert's block-sparse attention (``ATTENTION_NAME``) is refused too: ``sparsify_attention`` sets it at
+    run time, the saved config never records it, and a file holds no block layouts.
+    """
+    from qbert.nn.attention import ATTENTION_NAME
+
+    raw = _parse_json(path, metadata, KEY_CONFIG)
+    if not isinstance(raw, dict):
+        raise QuantizedFileError(f"load_quantized: {path}: metadata {KEY_CONFIG!r} must be a JSON object, "
+                                 f"got {type(raw).__name__}")
+    remote = [key for key in REMOTE_CODE_KEYS if key in raw]
+    if remote:
+        raise QuantizedFileError(f"load_quantized: {path}: the config carries remote-code fields {remote}; "
+                                 f"load_quantized builds only transformers' own classes and runs no code "
+                                 f"named by a file")
+    for key, value in raw.items():
+        if _IMPLEMENTATION_KEY.search(key) and value is not None and value not in BUILT_IN_IMPLEMENTATIONS:
+            hint = (" (a file stores no block-sparse layouts: call qbert.sparsify_attention after loading)"
+                    if value == ATTENTION_NAME else "")
+            raise QuantizedFileError(f"load_quantized: {path}: config {key!r} is {value!r}; a file may name "
+                                     f"only the built-in implementations "
+                                     f"{', '.join(BUILT_IN_IMPLEMENTATIONS)}{hint}")
+    config_class = model_class.config_class
+    if raw.get("model_type") != config_class.model_type:
+        raise QuantizedFileError(f"load_quantized: {path}: the config's model_type {raw.get('model_type')!r} "
+                                 f"does not match the model class {model_class.__name__} "
+                                 f"({config_class.model_type!r})")
+    largest = max((max(shape, default=0) for shape, _ in stored.values()), default=0)
+    defaults = config_class().to_dict()
+    for key, value in raw.items():
+        problem = _field_problem(key, value, defaults.get(key), largest)
+        if problem:
+            raise QuantizedFileError(f"load_quantized: {path}: config field {key!r} is {value!r}: {problem}")
     try:
-        names = entry["names"]
-        in_features, out_features = entry["in_features"], entry["out_features"]
-        has_bias = entry["bias"]
-        bias_dtype = _FLOAT_DTYPES[entry["bias_dtype"]] if has_bias else torch.float32
-        mode = _entry_format(entry)
-    except (KeyError, TypeError) as exc:
-        raise QuantizedFileError(f"load_quantized: {path}: malformed layer entry {entry!r} in metadata "
-                                 f"{KEY_LAYERS!r}") from exc
-    except ValueError as exc:
-        raise QuantizedFileError(f"load_quantized: {path}: layer {entry.get('names')!r}: {exc}") from exc
+        return config_class.from_dict(raw)
+    except _BUILD_ERRORS as exc:
+        raise QuantizedFileError(f"load_quantized: {path}: the config cannot build {config_class.__name__}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_problem(key: str, value, default, largest: int) -> str | None:
+    """Why ``value`` cannot be the config field ``key`` (``default`` is its class default), or None."""
+    if key in SIZE_FIELDS:
+        if not _is_int(value) or value < 1:
+            return "a size must be a positive int"
+        if value > largest:
+            return f"larger than every dimension of the stored tensors (the largest is {largest})"
+        return None
+    if value is None or type(default) not in _SCALAR_FIELD_TYPES:  # None: optional; dicts and lists: free
+        return None
+    what, valid = _SCALAR_FIELD_TYPES[type(default)]
+    return None if valid(value) else f"expected {what}, as the default {default!r}"
+
+
+# A scalar config field holds the type of its class default: (what it must be, the test).
+_SCALAR_FIELD_TYPES = {
+    bool: ("a bool", lambda v: isinstance(v, bool)),
+    int: ("an int", _is_int),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _layer_specs(path: str, metadata: dict[str, str]) -> list[_LayerSpec]:
+    """Each ``qbert.layers`` entry, checked: (names, in_features, out_features, bias, bias dtype, format)."""
+    entries = _parse_json(path, metadata, KEY_LAYERS)
+    if not isinstance(entries, list):
+        raise QuantizedFileError(f"load_quantized: {path}: metadata {KEY_LAYERS!r} must be a JSON list of "
+                                 f"layer entries, got {entries!r}")
+    return [_layer_spec(path, entry) for entry in entries]
+
+
+def _layer_spec(path: str, entry) -> _LayerSpec:
+    def malformed(problem: str) -> QuantizedFileError:
+        return QuantizedFileError(f"load_quantized: {path}: malformed layer entry {entry!r} in metadata "
+                                  f"{KEY_LAYERS!r}: {problem}")
+
+    if not isinstance(entry, dict):
+        raise malformed("an entry must be a JSON object")
+    names = entry.get("names")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise malformed("'names' must be a non-empty list of module names")
+    for key in ("in_features", "out_features"):
+        if not _is_int(entry.get(key)) or entry[key] < 1:
+            raise malformed(f"{key!r} must be a positive int")
+    has_bias = entry.get("bias")
+    if not isinstance(has_bias, bool):
+        raise malformed("'bias' must be true or false")
+    if has_bias and not (isinstance(entry.get("bias_dtype"), str) and entry["bias_dtype"] in _FLOAT_DTYPES):
+        raise malformed(f"'bias_dtype' must be one of {', '.join(_FLOAT_DTYPES)}")
+    if not isinstance(entry.get("mode"), str):
+        raise malformed("'mode' must be a string")
+    try:
+        fmt = _entry_format(entry)
+    except (ValueError, TypeError) as exc:
+        raise QuantizedFileError(f"load_quantized: {path}: layer {names!r}: {exc}") from exc
+    bias_dtype = _FLOAT_DTYPES[entry["bias_dtype"]] if has_bias else torch.float32
+    return names, entry["in_features"], entry["out_features"], has_bias, bias_dtype, fmt
+
+
+def _entry_format(entry: dict) -> LinearFormat | str:
+    """The format of a layer entry: its "format" dict, or (version 1) an int8 mode name."""
+    if "format" in entry:
+        fmt = LinearFormat.from_dict(entry["format"])
+        if fmt.name != entry["mode"]:
+            raise ValueError(f"mode {entry['mode']!r} contradicts the format {fmt.describe()!r}")
+        return fmt
+    if entry["mode"] not in INT8_MODES:
+        raise ValueError(f"mode {entry['mode']!r} needs a 'format' entry (version 1 files hold only "
+                         f"{', '.join(INT8_MODES)})")
+    return entry["mode"]
+
+
+def _build(path: str, model_class: type, config, dtype: torch.dtype, layers: list[_LayerSpec]) -> nn.Module:
+    """``model_class(config)`` in ``dtype`` with an empty QLinear at every layer entry's names.
+
+    On the default device: under ``torch.device("meta")`` nothing is allocated (and transformers skips
+    the weight initialization).
+    """
+    try:
+        model = model_class(config).to(dtype)
+    except _BUILD_ERRORS as exc:
+        raise QuantizedFileError(f"load_quantized: {path}: the config cannot build {model_class.__name__}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    for spec in layers:
+        _place_qlinear(path, model, *spec)
+    return model
+
+
+def _place_qlinear(path: str, model: nn.Module, names: list[str], in_features: int, out_features: int,
+                   has_bias: bool, bias_dtype: torch.dtype, mode: LinearFormat | str) -> None:
+    """Put one empty QLinear at each of ``names`` (Linears of that shape in the float model)."""
     for name in names:
         try:
             module = model.get_submodule(name)
@@ -241,39 +483,38 @@ def _place_qlinear(path: str, model: nn.Module, entry: dict) -> None:
         setattr(model.get_submodule(parent_name), attr, qlinear)
 
 
-def _entry_format(entry: dict) -> LinearFormat | str:
-    """The format of a layer entry: its "format" dict, or (version 1) an int8 mode name."""
-    if "format" in entry:
-        fmt = LinearFormat.from_dict(entry["format"])
-        if fmt.name != entry["mode"]:
-            raise ValueError(f"mode {entry['mode']!r} contradicts the format {fmt.describe()!r}")
-        return fmt
-    if entry["mode"] not in INT8_MODES:
-        raise ValueError(f"mode {entry['mode']!r} needs a 'format' entry (version 1 files hold only "
-                         f"{', '.join(INT8_MODES)})")
-    return entry["mode"]
+def _check_tensors(path: str, skeleton: nn.Module, stored: dict[str, tuple[list[int], str]]) -> None:
+    """The file holds exactly the skeleton's tensors (one name per tied group), in its shapes and dtypes."""
+    expected = skeleton.state_dict(keep_vars=True)
+    tied: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        tied.setdefault(id(tensor), []).append(name)
+    missing = [" / ".join(names) for names in tied.values() if not any(n in stored for n in names)]
+    doubled = [names for names in tied.values() if sum(n in stored for n in names) > 1]
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected or doubled:
+        problems = [f"{what} {names}" for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                          ("tied tensors stored twice", doubled)) if names]
+        raise QuantizedFileError(f"load_quantized: {path}: the tensors do not match the "
+                                 f"{type(skeleton).__name__} rebuilt from the metadata: "
+                                 f"{'; '.join(problems)}")
+    for key, (shape, dtype_name) in stored.items():
+        want = expected[key]
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
+        if list(want.shape) != shape or want.dtype != dtype:
+            raise QuantizedFileError(f"load_quantized: {path}: tensor {key!r} is {shape} {dtype} in the "
+                                     f"file, but the model rebuilt from the metadata expects "
+                                     f"{list(want.shape)} {want.dtype}")
 
 
-# safetensors' dtype names for the dtypes a quantized model holds (codes, scales, float tensors).
-_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F32": torch.float32,
-                       "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _check_tensors(path: str, model: nn.Module) -> None:
-    """Every tensor in the file has the shape and dtype of the model's tensor of that name.
-
-    Reads only the file's header (shapes and dtypes); the data is read once, by ``load_model``.
-    """
-    expected = model.state_dict()
-    with safetensors.safe_open(path, framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-            want = expected.get(key)
-            if want is None:
-                continue  # reported by the strict load with every other missing / unexpected name
-            header = f.get_slice(key)
-            shape, dtype_name = list(header.get_shape()), header.get_dtype()
-            dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
-            if list(want.shape) != shape or want.dtype != dtype:
-                raise QuantizedFileError(f"load_quantized: {path}: tensor {key!r} is {shape} {dtype} in the "
-                                         f"file, but the model rebuilt from the metadata expects "
-                                         f"{list(want.shape)} {want.dtype}")
+def _check_checksum(path: str, metadata: dict[str, str], version: int, model: nn.Module) -> None:
+    if version < CHECKSUM_SINCE_VERSION:
+        warnings.warn(f"load_quantized: {path} has format version {version}, which has no checksum: its "
+                      f"tensor data is not verified; save the model again with this qbert (format version "
+                      f"{FORMAT_VERSION}) to add one", stacklevel=3)
+        return
+    recorded = metadata[KEY_CHECKSUM]
+    actual = state_dict_checksum(model.state_dict())
+    if actual != recorded:
+        raise QuantizedFileError(f"load_quantized: {path}: checksum mismatch: the tensor data hashes to "
+                                 f"{actual}, the file records {recorded}; the file is corrupt")

@@ -1,6 +1,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from torch import nn
 
 import qbert
 import qbert.io
-from qbert.io import FORMAT_NAME, FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_LAYERS
+from qbert.io import (FORMAT_NAME, FORMAT_VERSION, KEY_CHECKSUM, KEY_CONFIG, KEY_FORMAT, KEY_FORMAT_VERSION,
+                      KEY_LAYERS, TEMP_SUFFIX)
 from qbert.nn import QLinear
 from tests.nn._tiny_models import build, first_output, linear_names
 
@@ -93,7 +96,8 @@ def test_a_layer_with_two_names_stays_shared(tmp_path):
     qbert.quantize(model, "w8a8")
     path = tmp_path / FILE_NAME
     qbert.save_quantized(model, path)
-    entries = json.loads(qbert.io._read_metadata(os.fspath(path))[KEY_LAYERS])
+    with safe_open(path, framework="pt") as f:
+        entries = json.loads(f.metadata()[KEY_LAYERS])
     assert ["encoder.layer.0.output.dense", "pooler.alias"] in [e["names"] for e in entries]
 
 
@@ -103,6 +107,7 @@ def test_metadata_layout(saved):
     assert metadata[KEY_FORMAT] == FORMAT_NAME and metadata[KEY_FORMAT_VERSION] == str(FORMAT_VERSION)
     assert metadata["qbert.model_class"] == "BertForSequenceClassification"
     assert json.loads(metadata[KEY_CONFIG])["hidden_size"] == 64
+    assert re.fullmatch("sha256:[0-9a-f]{64}", metadata[KEY_CHECKSUM])
     entry = json.loads(metadata[KEY_LAYERS])[0]
     assert entry == {"names": ["bert.encoder.layer.0.attention.self.query"], "mode": "w8a8",
                      "format": {"name": "w8a8", "weight_bits": 8, "activation_bits": 8, "symmetric": True,
@@ -125,6 +130,59 @@ def test_a_failed_save_leaves_the_earlier_file_intact(saved, monkeypatch):
     assert os.listdir(saved.parent) == [FILE_NAME]
 
 
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_a_save_writes_a_temp_file_named_for_its_target_and_process(saved, monkeypatch):
+    written = []
+
+    def record_then_fail(model, filename, metadata=None):
+        written.append(os.path.basename(filename))
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(qbert.io, "save_model", record_then_fail)
+    with pytest.raises(OSError, match="No space left on device"):
+        qbert.save_quantized(_quantized("BertModel"), saved)
+    assert re.fullmatch(rf"\.{re.escape(FILE_NAME)}\.{os.getpid()}\.[a-z0-9_]+{re.escape(TEMP_SUFFIX)}",
+                        written[0])
+
+
+def test_a_save_removes_the_temp_files_a_killed_save_left(saved):
+    dead = _dead_pid()
+    stale = f".{FILE_NAME}.{dead}.k1ll3d_9{TEMP_SUFFIX}"
+    kept = [
+        f".{FILE_NAME}.{os.getpid()}.l1ve0000{TEMP_SUFFIX}",  # a save still running (this process)
+        f".other.safetensors.{dead}.k1ll3d_9{TEMP_SUFFIX}",  # another target's
+        f".{FILE_NAME}.{dead}.k1ll3d_9.tmp",  # not qbert's suffix
+        f"{FILE_NAME}.{dead}.k1ll3d_9{TEMP_SUFFIX}",  # not hidden: not a name qbert writes
+        f"{FILE_NAME}.bak",
+    ]
+    for name in (stale, *kept):
+        (saved.parent / name).write_bytes(b"partial")
+    qbert.save_quantized(_quantized("BertModel"), saved)
+    assert sorted(os.listdir(saved.parent)) == sorted([FILE_NAME, *kept])
+
+
+def test_an_older_version_file_loads_with_a_warning_to_save_it_again(tmp_path):
+    model = _quantized("BertModel")
+    path = tmp_path / FILE_NAME
+    qbert.save_quantized(model, path)
+
+    def as_version_2(metadata):
+        metadata[KEY_FORMAT_VERSION] = "2"
+        del metadata[KEY_CHECKSUM]
+
+    _rewrite(path, change_metadata=as_version_2)
+    with pytest.warns(UserWarning, match=f"{_quoted(path)} has format version 2, which has no checksum.*"
+                                         f"save the model again with this qbert"):
+        loaded = qbert.load_quantized(path)
+    assert torch.equal(first_output(loaded), first_output(model))
+
+
 @pytest.mark.parametrize("cut", [
     pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
     pytest.param(lambda data: b"not a safetensors file at all", id="garbage"),
@@ -139,8 +197,9 @@ def test_a_corrupt_file_is_an_error_naming_it(saved, cut):
 
 @pytest.mark.parametrize("change,match", [
     pytest.param(lambda m: m.pop(KEY_FORMAT_VERSION), "has no format version", id="missing-version"),
-    pytest.param(lambda m: m.update({KEY_FORMAT_VERSION: "3"}), "has format version '3'; this qbert reads "
-                 "versions 1, 2", id="future-version"),
+    pytest.param(lambda m: m.update({KEY_FORMAT_VERSION: str(FORMAT_VERSION + 1)}),
+                 f"has format version '{FORMAT_VERSION + 1}'; this qbert reads versions 1, 2, 3",
+                 id="future-version"),
     pytest.param(lambda m: m.pop(KEY_FORMAT), "is not a qbert quantized model", id="missing-format"),
     pytest.param(lambda m: m.update({"qbert.model_class": "NotAModel"}), "'NotAModel' is not a transformers",
                  id="unknown-class"),
