@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from qbert.cli import finite_float, positive_int, writable_dir
+from qbert.cli import ArgumentParser, positive_int, writable_dir
+from qbert.ops._registry import BACKENDS, OPS
 
 DEFAULT_THREADS = 2
 DEFAULT_WARMUP = 3
@@ -58,6 +59,7 @@ SMOKE_RESULTS_DIR = Path("bench_out")  # relative to the working directory; git-
 STATUS_OK = "ok"
 STATUS_UNSUPPORTED = "unsupported"
 STATUS_FAILED = "failed"  # ran, but disagreed with the reference
+SMOKE_HELP = "tiny cases, few repeats (seconds)"
 
 
 # ---- environment ----------------------------------------------------------------------------------
@@ -307,44 +309,62 @@ def _items(text: str, parse: Callable[[str], Any]) -> list:
     return values
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    """``"1,16,128"`` -> ``(1, 16, 128)`` (command-line lists of sizes: each >= 1)."""
-    return tuple(_items(text, positive_int))
+def list_of(parse: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """The type of a command-line list of numbers: ``"1,16,128"`` -> ``(1, 16, 128)``, each item through
+    ``parse`` (an argparse type such as ``positive_int`` or ``finite_float(...)``)."""
+
+    def parse_list(text: str) -> tuple:
+        return tuple(_items(text, parse))
+
+    return parse_list
 
 
-_FINITE = finite_float()
+int_list = list_of(positive_int)  # sizes: each >= 1
 
 
-def float_list(text: str) -> tuple[float, ...]:
-    """``"1,0.5"`` -> ``(1.0, 0.5)`` (command-line lists: each finite)."""
-    return tuple(_items(text, _FINITE))
+def choice_list(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """The type of a command-line list of names: ``"cuda,triton"`` -> ``["cuda", "triton"]``, each one of
+    ``choices`` (``what`` names them in the error: "unknown backend; known: ...")."""
+    known = ", ".join(choices) or "none"
 
-
-def str_list(text: str) -> list[str]:
-    """``"cuda,triton"`` -> ``["cuda", "triton"]`` (command-line lists)."""
-    return _items(text, str)
-
-
-def backend_list(text: str) -> list[str]:
-    """``"cuda,triton"`` -> ``["cuda", "triton"]``, each a backend of qbert's registry."""
-    from qbert.ops._registry import BACKENDS
-
-    def known(name: str) -> str:
-        if name not in BACKENDS:
-            raise argparse.ArgumentTypeError(f"unknown backend; known: {', '.join(BACKENDS)}")
+    def one(name: str) -> str:
+        if name not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what}; known: {known}")
         return name
 
-    return _items(text, known)
+    def parse_list(text: str) -> list[str]:
+        return _items(text, one)
+
+    return parse_list
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+backend_list = choice_list(BACKENDS, "backend")  # each a backend of qbert's registry
+
+
+def op_backend_list(op_name: str) -> Callable[[str], list[str]]:
+    """The --backends type of a suite that times one op: each a backend that op registers."""
+    return choice_list(tuple(OPS[op_name].rows), f"{op_name} backend")
+
+
+def add_arguments(parser: argparse.ArgumentParser, smoke_help: str = SMOKE_HELP) -> None:
     """The options every suite's command line (and ``qbert bench``) has: --smoke, --out, --threads. The
     output directory is checked while parsing, before any timing."""
-    parser.add_argument("--smoke", action="store_true", help="tiny cases, few repeats (seconds)")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--out", type=writable_dir, default=None,
                         help=f"output dir (default {DEFAULT_RESULTS_DIR}; ./{SMOKE_RESULTS_DIR} with --smoke)")
     parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
                         help=f"torch threads (CPU timings; default {DEFAULT_THREADS})")
+
+
+def suite_parser(module_file: str, doc: str, smoke_help: str = SMOKE_HELP) -> ArgumentParser:
+    """The command line of a suite run directly (``python -m qbert.benchmarks.<module>``, from the module's
+    ``__file__`` and ``__doc__``), with the shared options (``add_arguments``). It is ``qbert.cli``'s
+    parser: a bad option is one line, ``python -m qbert.benchmarks.<module>: error: ...``, exit
+    ``USAGE_EXIT``."""
+    parser = ArgumentParser(prog=f"python -m {__package__}.{Path(module_file).stem}",
+                            description=doc.split("\n\n")[0])
+    add_arguments(parser, smoke_help)
+    return parser
 
 
 def add_gemm_arguments(parser: argparse.ArgumentParser, backends_default: str) -> None:

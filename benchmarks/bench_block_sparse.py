@@ -27,7 +27,6 @@ own tests. Cases an implementation cannot run are listed with the reason.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import statistics
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from qbert.benchmarks import _harness as H
 from tqdm import tqdm
 
+from qbert.cli import finite_float
 from qbert.ops import OPS, block_sparse_attention, use_backend
 from qbert.sparse import BlockLayout, bigbird, dense, sliding_window
 from qbert.sparse.flex import layout_mask_mod, to_block_mask
@@ -53,6 +53,7 @@ HEADS, HEAD_DIM, BLOCK_SIZE = 12, 64, 64
 CUDA_SEQS, CPU_SEQS, SMOKE_SEQS = (512, 1024, 2048, 4096, 8192, 16384), (512, 1024, 2048), (512,)
 CUDA_BATCHES, CPU_BATCHES, SMOKE_BATCHES = (1, 8), (1,), (1,)
 DENSITIES, SMOKE_DENSITIES = (1.0, 0.5, 0.25, 0.125, 0.0625), (1.0, 0.75)
+DENSITY = finite_float(0.0, 1.0, open_low=True)  # a --density: the fraction of blocks kept, 1 = dense
 SMOKE_HEADS, SMOKE_HEAD_DIM = 2, 32
 KINDS = ("sliding_window", "bigbird")
 MODES = ("fwd", "fwd+bwd")
@@ -346,6 +347,9 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
     seqs = seqs or (SMOKE_SEQS if smoke else CUDA_SEQS if cuda else CPU_SEQS)
     batches = batches or (SMOKE_BATCHES if smoke else CUDA_BATCHES if cuda else CPU_BATCHES)
     densities = densities or (SMOKE_DENSITIES if smoke else DENSITIES)
+    outside = [d for d in densities if not 0.0 < d <= 1.0]  # NaN included
+    if outside:
+        raise ValueError(f"{SUITE}: densities must be in (0, 1], got {outside}")
     heads, head_dim = (SMOKE_HEADS, SMOKE_HEAD_DIM) if smoke else (HEADS, HEAD_DIM)
     registered = list(OPS[OP_NAME].rows)
     backends = registered if backends is None else backends
@@ -417,12 +421,12 @@ def plot_speedups(results: list[H.Result], path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    H.add_arguments(parser)
+    parser = H.suite_parser(__file__, __doc__)
     parser.add_argument("--seq", type=H.int_list, default=None, help="comma-separated sequence lengths")
     parser.add_argument("--batch", type=H.int_list, default=None, help="comma-separated batch sizes")
-    parser.add_argument("--density", type=H.float_list, default=None, help="comma-separated target densities")
-    parser.add_argument("--backends", type=H.str_list, default=None,
+    parser.add_argument("--density", type=H.list_of(DENSITY), default=None,
+                        help="comma-separated target densities, each in (0, 1]")
+    parser.add_argument("--backends", type=H.op_backend_list(OP_NAME), default=None,
                         help="qbert backends to time (default: every backend the op registers)")
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads, args.seq, args.batch, args.density, args.backends)

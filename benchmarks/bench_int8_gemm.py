@@ -28,7 +28,6 @@ the ceilings, and a roofline and a speedup-vs-M plot are written beside it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Callable
@@ -600,8 +599,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
 
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    H.add_arguments(parser)
+    parser = H.suite_parser(__file__, __doc__)
     H.add_gemm_arguments(parser, "those dispatch can pick on the device")
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads, args.m, args.backends)

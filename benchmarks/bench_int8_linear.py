@@ -12,7 +12,6 @@ Rows per case (shape x M), all measured in the same run on the same inputs:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -228,10 +227,9 @@ def plot_speedups(results: list[H.Result], path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    H.add_arguments(parser)
+    parser = H.suite_parser(__file__, __doc__)
     H.add_gemm_arguments(parser, f"all of {','.join(BACKENDS)}")
-    parser.add_argument("--ao-engines", type=H.str_list, default=None,
+    parser.add_argument("--ao-engines", type=H.choice_list(H.ao_engines(), "torch.ao engine"), default=None,
                         help=f"torch.ao engines on CPU (default onednn; available: {','.join(H.ao_engines())})")
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads, args.m, args.backends, args.ao_engines)

@@ -15,7 +15,6 @@ percentage of the device's copy bandwidth measured at the start of the run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -208,8 +207,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
 
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    H.add_arguments(parser)
+    parser = H.suite_parser(__file__, __doc__)
     H.add_gemm_arguments(parser, f"all of {','.join(BACKENDS)}")
     parser.add_argument("--bert-only", action="store_true", help="skip the large LLM-style shapes")
     args = parser.parse_args(argv)

@@ -38,7 +38,6 @@ Every random choice (split, classifier init, batch order, Hutchinson probes) is 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -61,6 +60,7 @@ from tqdm import tqdm
 import qbert
 from qbert.allocate import MB, Budget, allocate, default_ties, uniform_size
 from qbert.allocate.budget import BITS_PER_BYTE
+from qbert.cli import writable_dir
 from qbert.hessian import TraceEstimate, hawq_sensitivity, hutchinson_traces
 from qbert.nn import LinearFormat, linear_bytes, linear_format
 from qbert.nn.qat import convert, distillation_loss, prepare_qat
@@ -669,13 +669,9 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
 
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a few articles, one step of everything (seconds)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output dir (default {H.DEFAULT_RESULTS_DIR}; ./{H.SMOKE_RESULTS_DIR} with --smoke)")
-    parser.add_argument("--cache", type=Path, default=None, help=f"cache dir (default {DEFAULT_CACHE})")
-    parser.add_argument("--threads", type=int, default=H.DEFAULT_THREADS, help="torch threads")
-    parser.add_argument("--rows", type=H.str_list, default=None,
+    parser = H.suite_parser(__file__, __doc__, smoke_help="a few articles, one step of everything (seconds)")
+    parser.add_argument("--cache", type=writable_dir, default=None, help=f"cache dir (default {DEFAULT_CACHE})")
+    parser.add_argument("--rows", type=H.choice_list([s.key for s in row_specs()], "row"), default=None,
                         help="comma-separated row keys to run (fp32 always runs); default all: "
                              + ",".join(s.key for s in row_specs()))
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """Every user error of the `qbert` command is one line on stderr, `qbert <command>: error: ...`, naming the
-option and its constraint, with exit status 2 and no traceback; option values are checked while parsing."""
+option and its constraint, with exit status 2 and no traceback; option values are checked while parsing.
+The benchmark scripts run directly (`python -m qbert.benchmarks.<module>`) answer the same way."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from qbert.benchmarks import suite_module
+from qbert.benchmarks import SUITES, bench_block_sparse
 
 from qbert import cli, demo
+from qbert.allocate.calibration import MIN_MAX_LENGTH
 
 
 def exit_status(argv: list[str]) -> int:
@@ -58,6 +61,7 @@ def _quantize(p: dict[str, Path], *extra: str) -> list[str]:
 
 
 AT_LEAST_1 = r"must be an integer >= 1, got"
+AT_LEAST_MIN_LENGTH = rf"must be an integer >= {MIN_MAX_LENGTH}, got"
 REL_TOL = r"argument --rel-tol: must be a finite number in \(0, 1\)"
 BAD_BUDGET = r"argument --budget: bad budget"
 
@@ -73,7 +77,9 @@ PARSE_ERRORS = {
     "bench-out-below-a-file": (lambda p: ["bench", "--out", str(p["file"] / "results")], [],
                                r"argument --out: cannot create directory .* is not a directory"),
     "batch-size-0": (_allocate, ["--batch-size", "0"], rf"argument --batch-size: {AT_LEAST_1} 0"),
-    "max-length-0": (_allocate, ["--max-length", "0"], rf"argument --max-length: {AT_LEAST_1} 0"),
+    "max-length-0": (_allocate, ["--max-length", "0"], rf"argument --max-length: {AT_LEAST_MIN_LENGTH} 0$"),
+    "max-length-below-minimum": (_allocate, ["--max-length", str(MIN_MAX_LENGTH - 1)],
+                                 rf"argument --max-length: {AT_LEAST_MIN_LENGTH} {MIN_MAX_LENGTH - 1}$"),
     "max-batches-negative": (_allocate, ["--max-batches", "-1"], rf"argument --max-batches: {AT_LEAST_1} -1"),
     "probes-0": (_allocate, ["--probes", "0"], rf"argument --probes: {AT_LEAST_1} 0"),
     "subsets-0": (_allocate, ["--subsets", "0"], rf"argument --subsets: {AT_LEAST_1} 0"),
@@ -206,20 +212,102 @@ def test_argument_types_return_what_they_accept(tmp_path):
     assert cli.existing_file(str(tmp_path / "data.jsonl")) == tmp_path / "data.jsonl"
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--m", "0"], r"argument --m: '0' in '0': must be an integer >= 1"),
-    (["--m", "16,,32"], r"argument --m: expected a comma-separated list without empty items"),
-    (["--backends", "gpu"], r"argument --backends: 'gpu' in 'gpu': unknown backend; known: cuda"),
-    (["--threads", "0"], r"argument --threads: must be an integer >= 1, got 0"),
-    (["--out", "/dev/null/results"], r"argument --out: cannot create directory"),
-], ids=["m-0", "m-empty-item", "backends-unknown", "threads-0", "out-below-a-file"])
-def test_benchmark_scripts_check_the_shared_options(extra, match, capsys):
-    # A suite's own command line (python -m qbert.benchmarks.bench_...) is plain argparse: usage + error.
+# ---- the benchmark scripts' own command lines ------------------------------------------------------
+# Every script run directly: the suites of `qbert bench` and the Q-BERT table.
+SCRIPTS = (*SUITES.values(), "qbert_table")
+DENSITY = r"argument --density: .* must be a finite number in \(0, 1\]"
+SHARED_SCRIPT_ERRORS = {
+    "threads-0": (["--threads", "0"], rf"argument --threads: {AT_LEAST_1} 0$"),
+    "threads-negative": (["--threads", "-3"], rf"argument --threads: {AT_LEAST_1} -3$"),
+    "threads-word": (["--threads", "two"], rf"argument --threads: {AT_LEAST_1} 'two'$"),
+    "out-below-a-file": (["--out", "/dev/null/results"], r"argument --out: cannot create directory .*/dev/null"),
+}
+# (script, extra arguments, what the line must say)
+SCRIPT_ERRORS = {
+    "int8_linear-m-0": ("bench_int8_linear", ["--m", "0"], r"argument --m: '0' in '0': must be an integer >= 1"),
+    "int8_linear-m-empty-item": ("bench_int8_linear", ["--m", "16,,32"],
+                                 r"argument --m: expected a comma-separated list without empty items"),
+    "int8_linear-backends-unknown": ("bench_int8_linear", ["--backends", "cpu,gpu"],
+                                     r"argument --backends: 'gpu' in 'cpu,gpu': unknown backend; known: cuda"),
+    "int8_linear-ao-engine-unknown": ("bench_int8_linear", ["--ao-engines", "qnnpack9"],
+                                      r"argument --ao-engines: 'qnnpack9' in 'qnnpack9': unknown torch.ao engine"),
+    "int8_gemm-m-negative": ("bench_int8_gemm", ["--m=-16"], r"argument --m: '-16' in '-16': must be an integer"),
+    "int8_gemm-backends-unknown": ("bench_int8_gemm", ["--backends", "gpu"], r"argument --backends: 'gpu' in 'gpu'"),
+    "lowbit_linear-m-word": ("bench_lowbit_linear", ["--m", "many"], r"argument --m: 'many' in 'many'"),
+    "lowbit_linear-backends-empty": ("bench_lowbit_linear", ["--backends", ","], r"argument --backends: expected a"),
+    "block_sparse-density-0": ("bench_block_sparse", ["--density", "0"], DENSITY),
+    "block_sparse-density-above-1": ("bench_block_sparse", ["--density", "1,1.5"], DENSITY),
+    "block_sparse-density-negative": ("bench_block_sparse", ["--density=-0.25"], DENSITY),
+    "block_sparse-density-nan": ("bench_block_sparse", ["--density", "nan"], DENSITY),
+    "block_sparse-density-inf": ("bench_block_sparse", ["--density", "inf"], DENSITY),
+    "block_sparse-density-word": ("bench_block_sparse", ["--density", "half"], DENSITY),
+    "block_sparse-density-empty-item": ("bench_block_sparse", ["--density", "0.5,,1"],
+                                        r"argument --density: expected"),
+    "block_sparse-backends-unregistered": (
+        "bench_block_sparse", ["--backends", "cpu"],
+        r"argument --backends: 'cpu' in 'cpu': unknown block_sparse_attention backend; known: reference, triton$"),
+    "block_sparse-backends-unknown": ("bench_block_sparse", ["--backends", "gpu"], r"argument --backends: 'gpu'"),
+    "block_sparse-seq-0": ("bench_block_sparse", ["--seq", "0"], rf"argument --seq: '0' in '0': {AT_LEAST_1} 0"),
+    "block_sparse-batch-0": ("bench_block_sparse", ["--batch", "0"], rf"argument --batch: '0' in '0': {AT_LEAST_1}"),
+    "qbert_table-rows-unknown": ("qbert_table", ["--rows", "w8a8,w9"],
+                                 r"argument --rows: 'w9' in 'w8a8,w9': unknown row; known: fp32, w8a8, "),
+    "qbert_table-rows-empty-item": ("qbert_table", ["--rows", "w8a8,"],
+                                    r"argument --rows: expected a comma-separated list"),
+    "qbert_table-cache-below-a-file": ("qbert_table", ["--cache", "/dev/null/cache"],
+                                       r"argument --cache: cannot create directory .*/dev/null"),
+}
+
+
+def assert_script_error(script: str, argv: list[str], capsys, monkeypatch, match: str) -> None:
+    """``python -m qbert.benchmarks.<script> argv`` exits with USAGE_EXIT after one stderr line
+    ``python -m qbert.benchmarks.<script>: error: ...`` matching ``match``, before it runs anything."""
+    module = importlib.import_module(f"qbert.benchmarks.{script}")
+    monkeypatch.setattr(module, "run", lambda *args, **kwargs: pytest.fail(f"{script} accepted {argv}"))
     with pytest.raises(SystemExit) as info:
-        suite_module("int8_linear").main(["--smoke", *extra])
-    assert info.value.code == cli.USAGE_EXIT
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.search(match, last), last
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == cli.USAGE_EXIT, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"python -m qbert.benchmarks.{script}: error: "), lines[0]
+    assert re.search(match, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case", list(SHARED_SCRIPT_ERRORS))
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_script_checks_the_shared_options(script, case, capsys, monkeypatch):
+    extra, match = SHARED_SCRIPT_ERRORS[case]
+    assert_script_error(script, ["--smoke", *extra], capsys, monkeypatch, match)
+
+
+@pytest.mark.parametrize("case", list(SCRIPT_ERRORS))
+def test_benchmark_scripts_check_their_own_options(case, capsys, monkeypatch):
+    script, extra, match = SCRIPT_ERRORS[case]
+    assert_script_error(script, ["--smoke", *extra], capsys, monkeypatch, match)
+
+
+def test_benchmark_script_types_return_what_they_accept(monkeypatch):
+    received = []
+    output = SimpleNamespace(print=lambda: "printed")
+    monkeypatch.setattr(bench_block_sparse, "run", lambda *args: received.append(args) or output)
+    assert bench_block_sparse.main(["--smoke", "--density", "1,0.5,1e-3", "--backends", "triton", "--seq", "128",
+                                    "--threads", "1"]) == "printed"
+    assert received == [(True, None, 1, (128,), None, (1.0, 0.5, 1e-3), ["triton"])]
+
+
+@pytest.mark.parametrize("density", [0.0, 1.5, float("nan")], ids=["0", "above-1", "nan"])
+def test_block_sparse_run_refuses_densities_outside_0_1(density):
+    with pytest.raises(ValueError, match=r"block_sparse: densities must be in \(0, 1\], got \["):
+        bench_block_sparse.run(smoke=True, densities=(1.0, density), progress=False)
+
+
+def test_a_benchmark_script_run_directly_reports_one_line():
+    result = subprocess.run([sys.executable, "-m", "qbert.benchmarks.bench_int8_linear", "--threads", "0"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == cli.USAGE_EXIT, result.stderr
+    prefix = "python -m qbert.benchmarks.bench_int8_linear: error: "
+    assert result.stderr.splitlines() == [f"{prefix}argument --threads: must be an integer >= 1, got 0"]
+    assert result.stdout == ""
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

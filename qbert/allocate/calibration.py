@@ -5,11 +5,14 @@ Model: a ``save_pretrained`` directory of a transformers model whose ``config.ar
 
 Data: a ``.jsonl`` file, one JSON object per line with ``"text"`` (and optionally ``"text_pair"`` and an
 integer ``"label"``), or any other file as plain text, one example per non-empty line. Examples are
-tokenized with truncation to ``max_length`` tokens and padded to the longest in their batch.
+tokenized with truncation to ``max_length`` tokens (at least ``MIN_MAX_LENGTH``, and room for one token
+of text beside the tokenizer's special tokens) and padded to the longest in their batch. Errors name an
+example by its position, counted from 1 (its line among the file's non-empty lines).
 
 Loss (the model's own ``.loss``):
   * sequence classification: the task loss with the examples' labels (cross-entropy for
-    ``num_labels > 1``); every example needs a ``"label"``.
+    ``num_labels > 1``); every example needs an integer ``"label"``, in ``0 .. num_labels - 1`` where the
+    loss indexes the logits with it (``label_classes``).
   * masked LM: the MLM loss. In each sequence ``MLM_PROBABILITY`` of the real tokens (not padding nor
     special tokens other than the unknown-word token), at least one, are replaced by the mask token and predicted; the positions are drawn once from
     a seeded generator, so the loss is a fixed function of the weights.
@@ -28,6 +31,12 @@ from torch import nn
 MLM_PROBABILITY = 0.15
 IGNORE_INDEX = -100  # the label Hugging Face's losses skip
 TASKS = {"ForSequenceClassification": "classification", "ForMaskedLM": "mlm"}
+# The shortest truncation that keeps any text: a BERT-family tokenizer adds two special tokens around one
+# sequence ([CLS] ... [SEP], <s> ... </s>), so one token of text needs three. make_batches also checks the
+# tokenizer's own count (a pair has more): at or below it a tokenizer cannot truncate and keeps no text.
+MIN_MAX_LENGTH = 3
+# Classification losses that index the logits with the label (regression and multi-label ones do not).
+_INDEXING_PROBLEMS = (None, "single_label_classification")
 
 
 class CalibrationError(ValueError):
@@ -66,6 +75,16 @@ def task_of(model: nn.Module) -> str:
                            f"(the loss comes from its task)")
 
 
+def label_classes(model: nn.Module) -> int | None:
+    """How many classes a calibration label indexes (labels must be in ``0 .. n - 1``), or None where the
+    labels are not class indices: masked LM (token ids), regression (``num_labels == 1`` or that
+    ``problem_type``: any target value) and multi-label classification."""
+    config = model.config
+    if task_of(model) != "classification" or config.num_labels == 1 or config.problem_type not in _INDEXING_PROBLEMS:
+        return None
+    return config.num_labels
+
+
 def read_examples(path: str | os.PathLike) -> list[dict]:
     """``[{"text": ..., "text_pair"?: ..., "label"?: ...}]`` from a JSONL or plain-text file (module docstring)."""
     path = Path(path)
@@ -95,7 +114,7 @@ def _mask_tokens(batch: dict, tokenizer, generator: torch.Generator, first: int)
     for row in range(input_ids.shape[0]):
         candidates = real[row].nonzero().flatten()
         if not len(candidates):
-            raise CalibrationError(f"example {first + row} has no token to mask (empty after tokenization)")
+            raise CalibrationError(f"example {first + row + 1} has no token to mask (empty after tokenization)")
         if not chosen[row].any():  # at least one prediction per sequence
             chosen[row, candidates[torch.randint(len(candidates), (1,), generator=generator)]] = True
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
@@ -103,14 +122,36 @@ def _mask_tokens(batch: dict, tokenizer, generator: torch.Generator, first: int)
                                              input_ids), labels=labels)
 
 
+def _class_labels(chunk: list[dict], first: int, num_labels: int | None) -> torch.Tensor:
+    """The labels of examples ``first ..`` (``chunk``): integers, in ``0 .. num_labels - 1`` unless
+    ``num_labels`` is None."""
+    for row, example in enumerate(chunk):
+        label = example.get("label")
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise CalibrationError(f"example {first + row + 1} has label {label!r}; sequence classification needs "
+                                   f"an integer 'label' in every example (a .jsonl data file)")
+        if num_labels is not None and not 0 <= label < num_labels:
+            raise CalibrationError(f"example {first + row + 1} has label {label}; the model has "
+                                   f"num_labels={num_labels}, so a label must be in 0..{num_labels - 1}")
+    return torch.tensor([example["label"] for example in chunk])
+
+
 def make_batches(examples: list[dict], tokenizer, task: str, *, batch_size: int, max_length: int,
-                 max_batches: int | None, seed: int) -> list[dict]:
-    """Tokenized batches (dicts of tensors with ``labels``) of the first examples (module docstring)."""
-    if batch_size < 1 or max_length < 2 or (max_batches is not None and max_batches < 1):
-        raise CalibrationError(f"need batch_size >= 1, max_length >= 2 and max_batches >= 1, got {batch_size}, "
-                               f"{max_length}, {max_batches}")
+                 max_batches: int | None, seed: int, num_labels: int | None) -> list[dict]:
+    """Tokenized batches (dicts of tensors with ``labels``) of the first examples (module docstring).
+
+    ``num_labels``: the classes a classification label indexes (``label_classes(model)``); None accepts
+    any integer label (regression, multi-label) and is what masked LM passes."""
+    if batch_size < 1 or max_length < MIN_MAX_LENGTH or (max_batches is not None and max_batches < 1):
+        raise CalibrationError(f"need batch_size >= 1, max_length >= {MIN_MAX_LENGTH} and max_batches >= 1, "
+                               f"got {batch_size}, {max_length}, {max_batches}")
     if task == "mlm" and tokenizer.mask_token_id is None:
         raise CalibrationError(f"{type(tokenizer).__name__} has no mask token; the MLM loss needs one")
+    pair = any(e.get("text_pair") is not None for e in examples)
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    if max_length <= special:
+        raise CalibrationError(f"max_length {max_length} leaves no token of text: {type(tokenizer).__name__} adds "
+                               f"{special} special tokens to {'a text pair' if pair else 'a text'}")
     generator = torch.Generator().manual_seed(seed)
     starts = range(0, len(examples), batch_size)
     batches = []
@@ -120,11 +161,7 @@ def make_batches(examples: list[dict], tokenizer, task: str, *, batch_size: int,
         batch = dict(tokenizer([e["text"] for e in chunk], None if all(p is None for p in pairs) else pairs,
                                truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
         if task == "classification":
-            labels = [e.get("label") for e in chunk]
-            if not all(isinstance(label, int) for label in labels):
-                raise CalibrationError("sequence classification needs an integer 'label' in every example "
-                                       "(a .jsonl data file)")
-            batch["labels"] = torch.tensor(labels)
+            batch["labels"] = _class_labels(chunk, start, num_labels)
         else:
             batch = _mask_tokens(batch, tokenizer, generator, start)
         batches.append(batch)
@@ -138,12 +175,17 @@ def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def calibration(model_dir: str | os.PathLike, data: str | os.PathLike, *, batch_size: int, max_length: int,
                 max_batches: int | None, seed: int) -> tuple[nn.Module, list[dict], Callable]:
-    """(model, batches, loss_fn) for ``qbert allocate``."""
+    """(model, batches, loss_fn) for ``qbert allocate``; an example the model's loss cannot take is a
+    ``CalibrationError`` naming ``data``."""
     from transformers import AutoTokenizer
 
     model = load_model(model_dir)
     task = task_of(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    batches = make_batches(read_examples(data), tokenizer, task, batch_size=batch_size, max_length=max_length,
-                           max_batches=max_batches, seed=seed)
+    examples = read_examples(data)
+    try:
+        batches = make_batches(examples, tokenizer, task, batch_size=batch_size, max_length=max_length,
+                               max_batches=max_batches, seed=seed, num_labels=label_classes(model))
+    except CalibrationError as exc:
+        raise CalibrationError(f"{data}: {exc}") from exc
     return model, batches, model_loss

@@ -13,7 +13,7 @@ import torch
 
 from qbert.allocate.allocator import METHODS, RANK_METHODS, allocate
 from qbert.allocate.budget import BITS_PER_BYTE, MB, Budget, parse_budget
-from qbert.allocate.calibration import CalibrationError, calibration, load_model, task_of
+from qbert.allocate.calibration import MIN_MAX_LENGTH, CalibrationError, calibration, load_model
 from qbert.allocate.layers import default_ties, quantizable_modules
 from qbert.allocate.plan import Plan, PlanError
 from qbert.allocate.solvers import AllocationError
@@ -36,8 +36,7 @@ QUANTIZED_FILE = "model.safetensors"
 # an estimate off by as much as the eigenvalue itself.
 REL_TOL = finite_float(0.0, 1.0, open_low=True, open_high=True)
 SEED = int_in_range(0, 2**64 - 1)  # torch.Generator.manual_seed takes a 64-bit seed
-# Classification losses that index the logits with the label (regression and multi-label ones do not).
-_INDEXING_PROBLEMS = (None, "single_label_classification")
+MAX_LENGTH = int_in_range(MIN_MAX_LENGTH)
 _SCALAR_LABEL = {"trace": "Tr(H) / n (Hutchinson)", "eigen": "Q-BERT Omega = |mean lambda| + std lambda"}
 
 ALLOCATE_HELP = f"""\
@@ -85,8 +84,8 @@ def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--row-groups", type=int, help="Q-BERT row groups for every format")
     parser.add_argument("--symmetric", action="store_true", help="symmetric codes for every format")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
-    parser.add_argument("--max-length", type=positive_int, default=128,
-                        help="tokens per example at most (default 128)")
+    parser.add_argument("--max-length", type=MAX_LENGTH, default=128,
+                        help=f"tokens per example at most, >= {MIN_MAX_LENGTH} (default 128)")
     parser.add_argument("--max-batches", type=positive_int, default=4, help="calibration batches (default 4)")
     parser.add_argument("--probes", type=positive_int, default=32, help="trace: Hutchinson probes (default 32)")
     parser.add_argument("--joint", action="store_true",
@@ -133,27 +132,6 @@ def _reading(what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise UsageError(f"cannot read {what}: {exc}") from exc
-
-
-def check_labels(model: torch.nn.Module, batches: list[dict], data: str | os.PathLike) -> None:
-    """Every classification label of ``batches`` indexes the logits: 0 <= label < num_labels.
-
-    Applies to single-label classification (the cross-entropy loss), not to masked LM batches (their
-    labels are token ids), regression (``num_labels == 1`` or that problem_type: any target value) or
-    multi-label classification."""
-    config = model.config
-    if task_of(model) != "classification" or config.num_labels == 1 or config.problem_type not in _INDEXING_PROBLEMS:
-        return
-    seen = 0
-    for batch in batches:
-        labels = batch["labels"]
-        bad = ((labels < 0) | (labels >= config.num_labels)).nonzero().flatten()
-        if len(bad):
-            row = int(bad[0])
-            raise UsageError(f"--data {data}: example {seen + row + 1} has label {int(labels[row])}; "
-                             f"{type(model).__name__} has num_labels={config.num_labels}, so a label must be "
-                             f"in 0..{config.num_labels - 1}")
-        seen += len(labels)
 
 
 def _sensitivity(args, model, names, batches, loss_fn, formats) -> tuple[dict, dict, dict]:
@@ -227,7 +205,6 @@ def run_allocate(args: argparse.Namespace) -> int:
         model, batches, loss_fn = calibration(args.model, args.data, batch_size=args.batch_size,
                                               max_length=args.max_length, max_batches=args.max_batches,
                                               seed=args.seed)
-    check_labels(model, batches, args.data)
     model.to(args.device)
     names = quantizable_modules(model)
     ties = [] if args.no_ties else [t for t in default_ties(model) if all(n in names for n in t)]
