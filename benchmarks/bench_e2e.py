@@ -4,10 +4,13 @@ Variants: CUDA  fp16 | qbert w8a8 (the fused chain) | qbert w8a8 unfused (``fuse
           CPU   fp32 | torch.ao dynamic int8 [onednn] | qbert w8a8 | qbert w8a8 unfused | qbert w8a16
 Scopes:   layer    one encoder layer, hidden states in and out. The model's layers are run in turn
                    (each timed call is one layer) so that, as in the model, weights come from memory
-                   rather than L2; each gets the variant's own embeddings output, codes attached.
+                   rather than L2; each gets the variant's own embeddings output
           encoder  the whole BertModel, token ids in, last hidden state out.
-Modes:    eager, and cuda graph: the forward captured once (``torch.cuda.CUDAGraph``) on static inputs after
-          warm-up on a side stream, the replay timed. Graph rows are listed as unsupported on the CPU.
+          (each fused layer also gets that output's int8 codes, as the previous layer hands them on).
+Modes:    eager; compiled (encoder scope): ``torch.compile(model, fullgraph=True)`` with inductor, compiled
+          per batch before timing; and cuda graph: the forward captured once (``torch.cuda.CUDAGraph``) on
+          static inputs after warm-up on a side stream, the replay timed. Graph rows are listed as
+          unsupported on the CPU.
 No attention mask is passed: every token is valid, and the forward then has no host synchronisation
 (which capture forbids). Reports ms per forward, the speedup over each baseline of the same case (scope,
 batch, mode), and the fidelity of the output against the float model's eager output: mean per-token
@@ -18,7 +21,6 @@ cosine and SQNR (dB). The report ends with the targets.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import math
@@ -40,8 +42,9 @@ SMOKE_SEQ_LEN, SMOKE_BATCHES = 16, (1, 2)
 SMOKE_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "intermediate_size": 256, "vocab_size": 1000, "max_position_embeddings": 64}
 SCOPES = ("layer", "encoder")
-EAGER, GRAPH = "eager", "cuda graph"
-MODES = (EAGER, GRAPH)
+EAGER, COMPILED, GRAPH = "eager", "compiled", "cuda graph"
+MODES = (EAGER, COMPILED, GRAPH)
+SCOPE_MODES = {"layer": (EAGER, GRAPH), "encoder": MODES}
 WARMUP, REPEATS = 2, 10
 SMOKE_WARMUP, SMOKE_REPEATS = 1, 2
 GRAPH_WARMUP = 3  # calls before capture: lazy initialisation and library workspaces happen outside it
@@ -92,12 +95,24 @@ def _layer_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a 1-tuple from a layer
 
 
-def units(variant: torch.nn.Module, scope: str, input_ids: torch.Tensor) -> list[Callable[[], torch.Tensor]]:
-    """The calls that are timed in turn: each encoder layer on the variant's embeddings output, or the model."""
+def units(variant: torch.nn.Module, scope: str, mode: str, input_ids: torch.Tensor) -> list[Callable[[], torch.Tensor]]:
+    """The calls that are timed in turn: each encoder layer on the variant's embeddings output, or the model
+    (compiled first in the compiled mode)."""
+    from qbert import ops
+    from qbert.nn.fused import FusedLayer
+
     if scope == "encoder":
-        return [lambda: variant(input_ids=input_ids).last_hidden_state]
-    hidden = variant.embeddings(input_ids=input_ids)  # [batch, seq, hidden], with codes if the variant fuses
-    return [lambda layer=layer: _layer_output(layer(hidden)) for layer in variant.encoder.layer]
+        if mode == COMPILED:
+            # Every variant recompiles the same forward code; each is timed at once, so earlier graphs
+            # are dropped rather than counted against Dynamo's recompilation limit.
+            torch._dynamo.reset()
+        model = torch.compile(variant, fullgraph=True, backend="inductor") if mode == COMPILED else variant
+        return [lambda: model(input_ids=input_ids).last_hidden_state]
+    hidden = variant.embeddings(input_ids=input_ids)  # [batch, seq, hidden]
+    codes = ops.quantize_per_token(hidden)
+    return [lambda layer=layer: _layer_output(layer(hidden, codes=codes) if isinstance(layer, FusedLayer)
+                                              else layer(hidden))
+            for layer in variant.encoder.layer]
 
 
 def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -122,8 +137,8 @@ def measure(result: H.Result, calls: list[Callable[[], torch.Tensor]], mode: str
             reference: torch.Tensor | None, timing: dict[str, int]) -> torch.Tensor | None:
     """Run (eager) or capture and replay (graph) the calls, fill ``result``; the first call's output."""
     try:
-        if mode == EAGER:
-            out = calls[0]()
+        if mode != GRAPH:
+            out = calls[0]()  # compiles, in the compiled mode
             timed, fn = calls, (lambda call: call())
         else:
             graphs = [capture(call) for call in calls]
@@ -186,7 +201,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
     results: list[H.Result] = []
     references: dict[tuple[str, int], torch.Tensor] = {}  # (scope, batch) -> the float model's eager output
     built: dict[str, torch.nn.Module | str] = {}
-    configs = [(scope, b, mode, v) for scope in SCOPES for b in batches for mode in MODES
+    configs = [(scope, b, mode, v) for scope in SCOPES for b in batches for mode in SCOPE_MODES[scope]
                for v in variants(model, device)]
     with torch.inference_mode():
         for scope, batch, mode, (name, baseline, build) in tqdm(configs, desc=f"{SUITE} ({device.type})",
@@ -210,7 +225,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
             engine = H.quantized_engine(AO_ENGINE) if name.startswith("torch.ao") else contextlib.nullcontext()
             with engine:
                 try:
-                    calls = units(variant, scope, input_ids[batch])
+                    calls = units(variant, scope, mode, input_ids[batch])
                 except H.BACKEND_FAILURES as exc:
                     result.status, result.reason = H.STATUS_UNSUPPORTED, _failure(exc)
                     continue
@@ -231,8 +246,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
 
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    H.add_arguments(parser)
+    parser = H.suite_parser(__file__, __doc__)
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads)
     return output.print()

@@ -17,21 +17,18 @@ class Family:
     heads: task-head patterns (left in float unless ``include_head=True``);
     keep_float: patterns always left in float, with the reason in the family's module docstring.
 
-    The fused W8A8 chain (``qbert.nn.fused``) replaces modules by class name:
-    add_norm: classes computing ``LayerNorm(dropout(dense(x)) + residual)`` (attributes dense, dropout,
-    LayerNorm; forward(hidden_states, input_tensor)); intermediate: classes computing
-    ``intermediate_act_fn(dense(x))``; embeddings: classes whose ``LayerNorm`` output feeds the encoder;
-    embeddings_consumers: where that output goes, as paths relative to the embeddings' parent (the first
-    that exists is the consumer)."""
+    The fused W8A8 chain (``qbert.nn.fused``) re-classes modules by class name, all with the BERT layout
+    of transformers 5: fused_encoders: encoder classes (a ``layer`` ModuleList); fused_layers: their layer
+    classes (``attention.self``, ``attention.output``, ``intermediate``, ``output``); fused_attentions:
+    the self-attention classes (``query``, ``key``, ``value``, ``attention_head_size``, ``scaling``)."""
 
     name: str
     model_types: tuple[str, ...]
     heads: tuple[str, ...]
     keep_float: tuple[str, ...] = ()
-    add_norm: tuple[str, ...] = ()
-    intermediate: tuple[str, ...] = ()
-    embeddings: tuple[str, ...] = ()
-    embeddings_consumers: tuple[str, ...] = ()
+    fused_encoders: tuple[str, ...] = ()
+    fused_layers: tuple[str, ...] = ()
+    fused_attentions: tuple[str, ...] = ()
 
 
 def ancestry(name: str) -> list[str]:

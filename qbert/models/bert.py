@@ -8,5 +8,5 @@ Heads: ``cls`` (MLM ``predictions`` with the decoder tied to the word embeddings
 from qbert.models._family import Family
 
 FAMILY = Family("bert", model_types=("bert",), heads=("cls", "classifier", "qa_outputs"),
-                add_norm=("BertSelfOutput", "BertOutput"), intermediate=("BertIntermediate",),
-                embeddings=("BertEmbeddings",), embeddings_consumers=("encoder.layer.0.attention.self.query",))
+                fused_encoders=("BertEncoder",), fused_layers=("BertLayer",),
+                fused_attentions=("BertSelfAttention",))

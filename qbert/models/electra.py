@@ -11,6 +11,5 @@ from qbert.models._family import Family
 FAMILY = Family("electra", model_types=("electra",),
                 heads=("discriminator_predictions", "generator_predictions", "generator_lm_head",
                        "sequence_summary", "classifier", "qa_outputs"),
-                add_norm=("ElectraSelfOutput", "ElectraOutput"), intermediate=("ElectraIntermediate",),
-                embeddings=("ElectraEmbeddings",),
-                embeddings_consumers=("embeddings_project", "encoder.layer.0.attention.self.query"))
+                fused_encoders=("ElectraEncoder",), fused_layers=("ElectraLayer",),
+                fused_attentions=("ElectraSelfAttention",))

@@ -8,5 +8,5 @@ Linear for tokens / multiple choice), ``qa_outputs``.
 from qbert.models._family import Family
 
 FAMILY = Family("roberta", model_types=("roberta",), heads=("lm_head", "classifier", "qa_outputs"),
-                add_norm=("RobertaSelfOutput", "RobertaOutput"), intermediate=("RobertaIntermediate",),
-                embeddings=("RobertaEmbeddings",), embeddings_consumers=("encoder.layer.0.attention.self.query",))
+                fused_encoders=("RobertaEncoder",), fused_layers=("RobertaLayer",),
+                fused_attentions=("RobertaSelfAttention",))

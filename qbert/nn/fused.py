@@ -1,26 +1,35 @@
-"""The fused W8A8 chain of a BERT layer: int8 activations handed from one op to the next.
+"""The fused W8A8 chain of a BERT-family encoder: int8 activations handed from one op to the next.
 
 In a W8A8 encoder every projection needs its input as int8 codes with per-token scales. Quantizing in a
-separate pass reads and writes every activation once more; this module makes the producers emit the codes:
+separate pass reads and writes every activation once more; the fused chain makes the producers emit the
+codes and hands them on as explicit values, the (float, codes) pair, through the layer's forward:
 
-    embeddings LayerNorm ------------------> add_layernorm_quantize ---> y (float) + codes -> Q, K, V
-    attention output: dense (w8a8) -> dropout -> add_layernorm_quantize ---> y (float) + codes -> FFN up
-    FFN up: int8_linear_requant(codes, GELU) ---------------------------------> codes -> FFN down
-    FFN down: int8_linear(codes) -> dropout -> add_layernorm_quantize ------> y (float) + codes -> next Q, K, V
+    layer input x + codes (the previous layer's, or quantize_per_token(x) for the first layer)
+      Q, K, V: int8_linear(codes) -> the model's attention implementation -> context
+      attention output: w8a8 dense(context) -> dropout -> add_layernorm_quantize(+ x) -> a + codes
+      FFN up: int8_linear_requant(codes, GELU) --------------------------------------> codes
+      FFN down: int8_linear(codes) -> dropout -> add_layernorm_quantize(+ a) -------> y + codes -> next layer
 
-The float y stays the residual stream, so the model's own forward code is unchanged: the modules below
-replace Hugging Face's ``*SelfOutput`` / ``*Output`` (dense -> dropout -> LayerNorm(h + residual)),
-``*Intermediate`` (dense -> exact GELU) and the embeddings' LayerNorm, keeping their parameter names, so
-state dicts are unchanged. The codes travel attached to the tensor they stand for (``attach`` /
-``int8_of``); ``QLinear`` uses them when its input carries them and they are still current (the
-tensor was not modified in place since), and quantizes the float input otherwise. The unfused path
-(``qbert.quantize(model, "w8a8", fuse=False)``) is the reference the fused chain is tested against.
+The float activations stay the residual stream. Nothing rides on a tensor as a hidden attribute, so the
+chain traces with ``torch.compile(fullgraph=True)``, CUDA graphs and ``torch.export``.
 
-Which classes qualify is family glue (``Family.add_norm``, ``intermediate``, ``embeddings`` in
-``qbert.models``): BERT (and MiniLM), RoBERTa and ELECTRA.
+``fuse`` re-classes the family's encoder, layer and self-attention modules in place as subclasses of
+their own Hugging Face classes (``FusedEncoder``, ``FusedLayer``, ``FusedSelfAttention`` mixed in), so
+every parameter name, the state dict and Hugging Face's output capture (``output_hidden_states``,
+``output_attentions``, which hook those classes) stay as they were. The mixins are written against the
+encoder API of transformers 5 (``forward(hidden_states, attention_mask, ..., cache, **kwargs)``).
+
+Which pieces of a layer use codes is decided once, when fusing, and recorded in ``FusedPieces``: the
+Q/K/V projections when all three are w8a8; an add-norm (``LayerNorm(dropout(dense(x)) + residual)``)
+when its dense is w8a8; the FFN up-projection when it and the FFN down-projection are w8a8 and the
+activation is the exact GELU the int8 epilogue computes. A piece that does not qualify runs the
+Hugging Face modules unchanged. The unfused path (``qbert.quantize(model, "w8a8", fuse=False)``) is the
+reference the fused chain is tested against.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +37,12 @@ from torch import nn
 
 from qbert import ops
 from qbert.models import family_of
-from qbert.nn.codes import Int8Activation, attach, int8_of
 from qbert.nn.qlinear import QLinear
 
+Codes = tuple[torch.Tensor, torch.Tensor]  # per-token int8 codes [..., K] and float32 scales [...]
 
-def is_w8a8(module: nn.Module) -> bool:
+
+def is_w8a8(module: nn.Module | None) -> bool:
     return isinstance(module, QLinear) and module.format.name == "w8a8"
 
 
@@ -44,122 +54,179 @@ def is_exact_gelu(act: nn.Module) -> bool:
     return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
 
 
-def _quantized_input(x: torch.Tensor) -> Int8Activation:
-    codes = int8_of(x)
-    if codes is not None:
-        return codes
-    if x.dtype == torch.int8:
-        raise ValueError("the fused W8A8 chain got int8 codes without their per-token scales")
-    q, scale = ops.quantize_per_token(x.contiguous())
-    return Int8Activation(q, scale, x.dtype, None)  # consumed at once, never attached
+def _codes(x: torch.Tensor, codes: Codes | None) -> Codes:
+    return codes if codes is not None else ops.quantize_per_token(x.contiguous())
 
 
-class QLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` whose output also carries its per-token int8 codes (for the embeddings)."""
-
-    @classmethod
-    def from_layernorm(cls, norm: nn.LayerNorm) -> QLayerNorm:
-        if len(norm.normalized_shape) != 1 or not norm.elementwise_affine:
-            raise ValueError(f"QLayerNorm: needs a LayerNorm over the last dim with weights, got {norm}")
-        fused = cls(norm.normalized_shape, eps=norm.eps, bias=norm.bias is not None,
-                    device=norm.weight.device, dtype=norm.weight.dtype)
-        fused.load_state_dict(norm.state_dict())
-        return fused.train(norm.training)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, q, scale = ops.add_layernorm_quantize(x.contiguous(), None, self.weight, self.bias, self.eps)
-        return attach(y, q, scale, y.dtype)
+def _project(dense: QLinear, codes: Codes, dtype: torch.dtype) -> torch.Tensor:
+    """``dense(x)`` in ``dtype`` from x's codes: the int8 GEMM with the dequantization and bias fused."""
+    q, scale = codes
+    return ops.int8_linear(q, scale, dense.w_q, dense.w_scale, dense.bias, out_dtype=dtype)
 
 
-class QAddNorm(nn.Module):
-    """``LayerNorm(dropout(dense(x)) + residual)`` with a w8a8 ``dense``, its output carrying its codes:
-    Hugging Face's ``BertSelfOutput`` / ``BertOutput`` with the residual add, LayerNorm and the next
-    layer's input quantization in one op. ``x`` may carry codes (then ``dense`` skips its quantization)."""
+@dataclass(frozen=True)
+class FusedPieces:
+    """Which pieces of one encoder layer run on int8 codes (see the module docstring)."""
 
-    def __init__(self, dense: QLinear, norm: nn.LayerNorm, dropout: nn.Module) -> None:
-        super().__init__()
-        if not is_w8a8(dense):
-            raise ValueError(f"QAddNorm: dense must be a w8a8 QLinear, got {dense}")
-        self.dense = dense
-        self.LayerNorm = norm
-        self.dropout = dropout
+    qkv: bool
+    attention_output: bool
+    intermediate: bool
+    output: bool
 
-    @classmethod
-    def from_module(cls, module: nn.Module) -> QAddNorm:
-        return cls(module.dense, module.LayerNorm, module.dropout).train(module.training)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(self.dense(hidden_states))  # QLinear uses the codes hidden_states carries, if any
-        norm = self.LayerNorm
-        y, q, scale = ops.add_layernorm_quantize(h.contiguous(), input_tensor.contiguous(), norm.weight,
-                                                 norm.bias, norm.eps)
-        return attach(y, q, scale, y.dtype)
+    def names(self, layer: str) -> list[str]:
+        """The module names of the pieces that run fused, under the layer named ``layer``."""
+        pieces = {"attention.self": self.qkv, "attention.output": self.attention_output,
+                  "intermediate": self.intermediate, "output": self.output}
+        return [f"{layer}.{piece}" for piece, fused in pieces.items() if fused]
 
 
-class QIntermediate(nn.Module):
-    """``gelu(dense(x))`` as int8 codes: the FFN up-projection with the GELU and the per-token
-    requantization for the down-projection in the GEMM's epilogue (``int8_linear_requant``). It returns the
-    int8 codes [..., N] carrying their scales; the ``QAddNorm`` after it consumes them."""
-
-    def __init__(self, dense: QLinear, act: nn.Module) -> None:
-        super().__init__()
-        if not is_w8a8(dense) or not is_exact_gelu(act):
-            raise ValueError(f"QIntermediate: needs a w8a8 QLinear and an exact GELU, got {dense} and {act}")
-        self.dense = dense
-        self.intermediate_act_fn = act
-
-    @classmethod
-    def from_module(cls, module: nn.Module) -> QIntermediate:
-        return cls(module.dense, module.intermediate_act_fn).train(module.training)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = _quantized_input(hidden_states)
-        dense = self.dense
-        q, scale = ops.int8_linear_requant(x.q, x.scale, dense.w_q, dense.w_scale, dense.bias, "gelu")
-        return attach(q, q, scale, x.dtype)
+def _pieces(layer: nn.Module) -> FusedPieces:
+    attention = layer.attention.self
+    return FusedPieces(
+        qkv=all(is_w8a8(getattr(attention, name)) for name in ("query", "key", "value")),
+        attention_output=is_w8a8(layer.attention.output.dense),
+        intermediate=is_w8a8(layer.intermediate.dense) and is_w8a8(layer.output.dense)
+        and is_exact_gelu(layer.intermediate.intermediate_act_fn),
+        output=is_w8a8(layer.output.dense))
 
 
-def _fusible_output(module: nn.Module | None, family) -> bool:
-    """Whether ``module`` (the layer's FFN output) is, or will become, a ``QAddNorm``."""
-    if isinstance(module, QAddNorm):
-        return True
-    return type(module).__name__ in family.add_norm and is_w8a8(getattr(module, "dense", None))
+def _add_norm(module: nn.Module, fused: bool, x: torch.Tensor | None, codes: Codes | None,
+              residual: torch.Tensor) -> tuple[torch.Tensor, Codes | None]:
+    """``LayerNorm(dropout(dense(x)) + residual)`` of a ``*SelfOutput`` / ``*Output`` module, from x or
+    from x's codes; fused, also the result's codes (one op: add, LayerNorm, quantize)."""
+    if not fused:
+        return module(x, residual), None
+    h = module.dense(x) if codes is None else _project(module.dense, codes, residual.dtype)
+    h = module.dropout(h)
+    norm = module.LayerNorm
+    y, q, scale = ops.add_layernorm_quantize(h.contiguous(), residual.contiguous(), norm.weight, norm.bias,
+                                             norm.eps)
+    return y, (q, scale)
 
 
-def _embeddings_consumer(modules: dict[str, nn.Module], parent: str, family) -> nn.Module | None:
-    """The module that reads the embeddings' output: the first of ``family.embeddings_consumers`` (paths
-    relative to the embeddings' parent) that exists."""
-    for path in family.embeddings_consumers:
-        module = modules.get(f"{parent}.{path}" if parent else path)
-        if module is not None:
-            return module
-    return None
+class FusedSelfAttention:
+    """Mixed into the family's ``*SelfAttention``: Q, K and V from the input's codes when all three are
+    w8a8 (one quantization shared by the three GEMMs), then the model's attention implementation."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache=None, *, codes: Codes | None = None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.attention_head_size)
+        projections = (self.query, self.key, self.value)
+        if self.qbert_fused_qkv:
+            codes = _codes(hidden_states, codes)
+            q, k, v = (_project(dense, codes, hidden_states.dtype) for dense in projections)
+        else:
+            q, k, v = (dense(hidden_states) for dense in projections)
+        q, k, v = (t.view(*hidden_shape).transpose(1, 2) for t in (q, k, v))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                          self.qbert_eager_attention)
+        out, weights = attention(self, q, k, v, attention_mask,
+                                 dropout=0.0 if not self.training else self.dropout.p,
+                                 scaling=self.scaling, **kwargs)
+        return out.reshape(*input_shape, -1).contiguous(), weights
+
+
+class FusedLayer:
+    """Mixed into the family's ``*Layer``: returns ``(y, y_q, y_scale)``, the layer output and its codes
+    (``y_q``, ``y_scale`` are None when the output add-norm is not fused), and takes the previous layer's
+    codes as ``codes``."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states=None, encoder_attention_mask=None, cache=None, *,
+                codes: Codes | None = None, **kwargs):
+        pieces = self.qbert_pieces
+        attention = self.attention
+        context, _ = attention.self(hidden_states, attention_mask, cache=cache, codes=codes, **kwargs)
+        a, a_codes = _add_norm(attention.output, pieces.attention_output, context, None, hidden_states)
+        if pieces.intermediate:
+            dense = self.intermediate.dense
+            a_q, a_scale = _codes(a, a_codes)
+            h_codes = ops.int8_linear_requant(a_q, a_scale, dense.w_q, dense.w_scale, dense.bias, "gelu")
+            h = None
+        else:
+            h, h_codes = self.intermediate(a), None
+        y, y_codes = _add_norm(self.output, pieces.output, h, h_codes, a)
+        return (y, None, None) if y_codes is None else (y, *y_codes)
+
+
+class FusedEncoder:
+    """Mixed into the family's ``*Encoder``: runs the layers, handing each fused layer's output codes to
+    the next layer."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states=None, encoder_attention_mask=None, cache=None, use_cache=None,
+                **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+        codes = None
+        for layer in self.layer:
+            args = (hidden_states, attention_mask, encoder_hidden_states)
+            if isinstance(layer, FusedLayer):
+                hidden_states, q, scale = layer(*args, encoder_attention_mask=encoder_attention_mask,
+                                                cache=cache, codes=codes, **kwargs)
+                codes = None if q is None else (q, scale)
+            else:
+                hidden_states = layer(*args, encoder_attention_mask=encoder_attention_mask, cache=cache,
+                                      **kwargs)
+                codes = None
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states,
+                                                         cache=cache if use_cache else None)
+
+
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _refine(module: nn.Module, mixin: type) -> None:
+    """Re-class ``module`` in place as a subclass of its own class with ``mixin``'s forward."""
+    base = type(module)
+    cls = _FUSED_CLASSES.get((base, mixin))
+    if cls is None:
+        cls = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {"__module__": __name__})
+        _FUSED_CLASSES[(base, mixin)] = cls
+    module.__class__ = cls
+
+
+def _eager_attention(module: nn.Module):
+    """The eager attention function of the Hugging Face modeling module ``module``'s class comes from."""
+    import sys
+
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _layer_qualifies(layer: nn.Module, family) -> bool:
+    """An encoder layer of the family's classes, without cross-attention, cache or feed-forward chunking,
+    with at least one piece that can run on codes."""
+    attention = getattr(getattr(layer, "attention", None), "self", None)
+    if type(layer).__name__ not in family.fused_layers or type(attention).__name__ not in family.fused_attentions:
+        return False
+    if layer.is_decoder or layer.add_cross_attention or layer.chunk_size_feed_forward:
+        return False
+    pieces = _pieces(layer)
+    return pieces.qkv or pieces.attention_output or pieces.output
 
 
 def fuse(model: nn.Module) -> tuple[str, ...]:
-    """Install the fused chain in ``model``'s qualifying modules, in place; returns their names.
-
-    A module qualifies when its class is one the model's family lists and its projections are w8a8
-    QLinears; an intermediate needs an exact GELU and a fused output after it (its codes have no other
-    consumer); the embeddings' LayerNorm needs a w8a8 consumer. Modules that do not qualify keep the
-    unfused path.
-    """
+    """Install the fused chain in ``model``'s qualifying encoders and layers, in place; returns the names of
+    the pieces that now run on int8 codes (``FusedPieces.names``). Layers that do not qualify, and every
+    model whose family lists no fused classes, keep the unfused path."""
     family = family_of(model)
-    modules = dict(model.named_modules())
     fused: list[str] = []
-    for name, module in modules.items():
-        kind = type(module).__name__
-        parent_name, _, attr = name.rpartition(".")
-        if kind in family.add_norm and is_w8a8(getattr(module, "dense", None)):
-            setattr(modules[parent_name], attr, QAddNorm.from_module(module))
-            fused.append(name)
-        elif kind in family.intermediate and is_w8a8(getattr(module, "dense", None)) \
-                and is_exact_gelu(module.intermediate_act_fn) \
-                and _fusible_output(getattr(modules[parent_name], "output", None), family):
-            setattr(modules[parent_name], attr, QIntermediate.from_module(module))
-            fused.append(name)
-        elif kind in family.embeddings and type(getattr(module, "LayerNorm", None)) is nn.LayerNorm \
-                and is_w8a8(_embeddings_consumer(modules, parent_name, family)):
-            module.LayerNorm = QLayerNorm.from_layernorm(module.LayerNorm)
-            fused.append(f"{name}.LayerNorm")
+    for name, encoder in model.named_modules():
+        if type(encoder).__name__ not in family.fused_encoders:
+            continue
+        layers = [(f"{name}.layer.{i}" if name else f"layer.{i}", layer) for i, layer in enumerate(encoder.layer)
+                  if _layer_qualifies(layer, family)]
+        for layer_name, layer in layers:
+            attention = layer.attention.self
+            layer.qbert_pieces = _pieces(layer)
+            attention.qbert_fused_qkv = layer.qbert_pieces.qkv
+            attention.qbert_eager_attention = _eager_attention(attention)
+            _refine(attention, FusedSelfAttention)
+            _refine(layer, FusedLayer)
+            fused.extend(layer.qbert_pieces.names(layer_name))
+        if layers:
+            _refine(encoder, FusedEncoder)
     return tuple(fused)

@@ -4,8 +4,8 @@
 
 int8 formats store ``w_q`` int8 [N, K] and ``w_scale`` float32 [N] (``W ~= w_q * w_scale[:, None]``):
 ``w8a8`` quantizes x per token on the fly and runs the int8 GEMM with the dequantization and bias fused
-(``qbert.ops.w8a8_linear``), or, when x carries the int8 codes the fused chain computed for it
-(``qbert.nn.fused``), runs the GEMM on those directly (``qbert.ops.int8_linear``); ``w8a16`` keeps x in floating point (``qbert.ops.w8a16_linear``).
+(``qbert.ops.w8a8_linear``; the fused chain of ``qbert.nn.fused`` hands codes it already has straight to
+``qbert.ops.int8_linear``); ``w8a16`` keeps x in floating point (``qbert.ops.w8a16_linear``).
 Packed formats store ``w_packed``, ``w_scale`` and (asymmetric) ``w_zero`` as stated in
 ``qbert.quant.lowbit``: ``a16`` formats run ``qbert.ops.lowbit_linear``, ``a8`` formats
 ``qbert.ops.w4a8_linear``. Every forward returns x's dtype. The backend is chosen by the op registry,
@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from qbert import ops
-from qbert.nn.codes import int8_of
 from qbert.nn.formats import LinearFormat, linear_format
 from qbert.ops._checks import FLOAT_DTYPES
 from qbert.quant.lowbit import dequantize_lowbit, expand_rows, quantize_lowbit
@@ -28,9 +27,6 @@ from qbert.quant.packing import pack, unpack
 def _forward_int8(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
     if layer.format.activation_bits is None:
         return ops.w8a16_linear(x, layer.w_q, layer.w_scale, layer.bias)
-    codes = int8_of(x)
-    if codes is not None:  # the fused W8A8 chain already quantized x (qbert.nn.fused)
-        return ops.int8_linear(codes.q, codes.scale, layer.w_q, layer.w_scale, layer.bias, out_dtype=codes.dtype)
     return ops.w8a8_linear(x, layer.w_q, layer.w_scale, layer.bias)
 
 
@@ -132,9 +128,9 @@ class QLinear(nn.Module):
         return self.format.nbytes(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.int8 and int8_of(x) is None:
-            raise ValueError(f"QLinear: got int8 x without per-token scales (shape {list(x.shape)}); int8 "
-                             f"inputs come only from the fused W8A8 chain (qbert.nn.fused)")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"QLinear: x must be float32, float16 or bfloat16, got {x.dtype} (shape "
+                            f"{list(x.shape)}); int8 codes with their scales go to qbert.ops.int8_linear")
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"QLinear: the last dim of x must be in_features={self.in_features}, "
                              f"got x of shape {list(x.shape)}")

@@ -7,12 +7,24 @@ import pytest
 import torch
 
 import qbert
-from qbert.nn.codes import attach, int8_of
-from qbert.nn.fused import QAddNorm, QIntermediate, QLayerNorm
+from qbert.nn.fused import FusedEncoder, FusedLayer, FusedSelfAttention
 from qbert.ops import _registry
 from tests.nn import _tiny_models as tiny
 
 FUSED_FAMILIES = ("bert", "minilm", "roberta", "electra")
+# Tier: same math in float, relative to the output's largest magnitude. The fused chain's LayerNorm is
+# add_layernorm_quantize, whose reference rounds the exact (float64) LayerNorm once, where the unfused
+# path runs torch's float32 LayerNorm; and inductor fuses and reorders the float ops between the int8
+# kernels. Where an activation rounds differently by an ulp, its per-token requantization can move a
+# code by one step (about 1e-4 of the output's range here).
+SAME_MATH_TOLERANCE = 1e-3
+
+
+def _assert_same_math(out: torch.Tensor, ref: torch.Tensor) -> None:
+    error = (out - ref).abs().max().item()
+    assert error <= SAME_MATH_TOLERANCE * ref.abs().max().item(), error
+
+
 
 
 def _pair(family: str, **overrides):
@@ -39,16 +51,15 @@ def op_calls(monkeypatch):
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
 def test_fuse_installs_the_chain_in_every_layer(family):
     fused, unfused = _pair(family)
-    layers = fused.config.num_hidden_layers
-    expected = {"embeddings.LayerNorm"}
-    for i in range(layers):
-        expected |= {f"encoder.layer.{i}.attention.output", f"encoder.layer.{i}.intermediate",
-                     f"encoder.layer.{i}.output"}
+    pieces = ("attention.self", "attention.output", "intermediate", "output")
+    expected = {f"encoder.layer.{i}.{piece}" for i in range(fused.config.num_hidden_layers) for piece in pieces}
     assert set(fused.qbert_summary.fused) == expected
     assert unfused.qbert_summary.fused == ()
-    layer = fused.encoder.layer[0]
-    assert isinstance(layer.attention.output, QAddNorm) and isinstance(layer.output, QAddNorm)
-    assert isinstance(layer.intermediate, QIntermediate) and isinstance(fused.embeddings.LayerNorm, QLayerNorm)
+    layer, plain = fused.encoder.layer[0], unfused.encoder.layer[0]
+    assert isinstance(fused.encoder, FusedEncoder) and isinstance(layer, FusedLayer)
+    assert isinstance(layer.attention.self, FusedSelfAttention)
+    # Still the Hugging Face classes (their output capture hooks them), with the same parameters.
+    assert isinstance(layer, type(plain)) and isinstance(layer.attention.self, type(plain.attention.self))
     assert fused.state_dict().keys() == unfused.state_dict().keys()
 
 
@@ -61,11 +72,11 @@ def test_other_families_stay_unfused(family):
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
 def test_fused_equals_unfused_on_the_reference(family):
-    # Tier: exact. On the reference backend both paths compute the same float32 ops in the same order:
-    # LayerNorm then quantize, GEMM + bias then GELU then quantize; only where they happen differs.
+    # Tier: same math (SAME_MATH_TOLERANCE): GEMM + bias then GELU then quantize are the same ops; the
+    # LayerNorms round differently in the last bit.
     fused, unfused = _pair(family)
     with qbert.use_backend("reference"):
-        assert torch.equal(tiny.first_output(fused), tiny.first_output(unfused))
+        _assert_same_math(tiny.first_output(fused), tiny.first_output(unfused))
 
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
@@ -84,12 +95,13 @@ def test_fused_chain_quantizes_once_per_producer(op_calls):
     op_calls.clear()  # quantizing the weights called quantize_per_token
     tiny.first_output(fused)
     # Per layer: Q, K, V and FFN down read codes (int8_linear), the attention output projection quantizes
-    # the attention context (w8a8_linear), FFN up requantizes; two add-norms per layer, one for embeddings.
+    # the attention context (w8a8_linear), FFN up requantizes, two add-norms emit codes; the first layer
+    # quantizes the embeddings' output once for its Q, K and V.
     assert op_calls["int8_linear"] == 4 * layers
-    assert op_calls["w8a8_linear"] == layers + 1  # + the pooler, whose input is a slice
+    assert op_calls["w8a8_linear"] == layers + 1  # + the pooler
     assert op_calls["int8_linear_requant"] == layers
-    assert op_calls["add_layernorm_quantize"] == 2 * layers + 1
-    assert op_calls["quantize_per_token"] == 0
+    assert op_calls["add_layernorm_quantize"] == 2 * layers
+    assert op_calls["quantize_per_token"] == 1
     op_calls.clear()
     tiny.first_output(unfused)
     assert op_calls["w8a8_linear"] == 6 * layers + 1 and op_calls["int8_linear"] == 0
@@ -100,30 +112,12 @@ def test_tanh_gelu_leaves_the_intermediate_unfused():
     assert not any(name.endswith("intermediate") for name in fused.qbert_summary.fused)
     assert any(name.endswith("attention.output") for name in fused.qbert_summary.fused)
     with qbert.use_backend("reference"):
-        assert torch.equal(tiny.first_output(fused), tiny.first_output(unfused))
+        _assert_same_math(tiny.first_output(fused), tiny.first_output(unfused))
 
 
-def test_codes_are_dropped_when_the_carrier_changes_in_place():
-    x = torch.randn(3, 8)
-    q, scale = qbert.ops.quantize_per_token(x)
-    attach(x, q, scale, x.dtype)
-    assert int8_of(x).q is q
-    x.mul_(2)
-    assert int8_of(x) is None
-    assert int8_of(x[:2]) is None  # a view is another tensor: it carries nothing
-
-
-def test_codes_attached_to_themselves_hold_no_cycle():
-    q, scale = qbert.ops.quantize_per_token(torch.randn(3, 8))
-    attach(q, q, scale, torch.float16)
-    codes = int8_of(q)
-    assert codes.q is q and codes.dtype == torch.float16
-    assert q._qbert_int8.q is None
-
-
-def test_int8_input_without_scales_is_an_error():
+def test_int8_input_to_a_layer_is_an_error():
     fused, _ = _pair("bert")
-    with pytest.raises(ValueError, match="got int8 x without per-token scales"):
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.int8"):
         fused.encoder.layer[0].output.dense(torch.zeros(2, tiny.FFN, dtype=torch.int8))
 
 
@@ -132,22 +126,81 @@ def test_fused_model_saves_and_loads(tmp_path):
     path = tmp_path / "fused.safetensors"
     qbert.save_quantized(fused, path)
     loaded = qbert.load_quantized(path)
-    assert isinstance(loaded.encoder.layer[0].intermediate, QIntermediate)
+    assert isinstance(loaded.encoder.layer[0], FusedLayer)
     assert torch.equal(tiny.first_output(loaded), tiny.first_output(fused))
 
 
 def test_inference_mode():
-    # Inference tensors have no version counter: the codes are trusted while the carrier is the same tensor.
     fused, unfused = _pair("bert")
     with torch.inference_mode(), qbert.use_backend("reference"):
         inputs = tiny.inputs()
-        assert torch.equal(fused(**inputs)[0], unfused(**inputs)[0])
+        _assert_same_math(fused(**inputs)[0], unfused(**inputs)[0])
 
 
 def test_only_w8a8_layers_are_fused():
     model = tiny.build("BertModel", "bert")
     assert qbert.quantize(copy.deepcopy(model), "w8a16").qbert_summary.fused == ()
-    # Layer 0's query in float: its embeddings LayerNorm has no int8 consumer and stays a LayerNorm.
+    # Layer 0's query in float: its Q, K and V each run their own layer; the rest of the chain is fused.
     partial = qbert.quantize(copy.deepcopy(model), "w8a8", skip=("encoder.layer.0.attention.self.query",))
-    assert "embeddings.LayerNorm" not in partial.qbert_summary.fused
-    assert "encoder.layer.0.output" in partial.qbert_summary.fused
+    assert "encoder.layer.0.attention.self" not in partial.qbert_summary.fused
+    assert {"encoder.layer.0.output", "encoder.layer.1.attention.self"} <= set(partial.qbert_summary.fused)
+    unfused = qbert.quantize(copy.deepcopy(model), "w8a8", fuse=False,
+                             skip=("encoder.layer.0.attention.self.query",))
+    with qbert.use_backend("reference"):
+        _assert_same_math(tiny.first_output(partial), tiny.first_output(unfused))
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_hidden_states_and_attentions_are_captured(family):
+    fused, unfused = _pair(family)
+    for model in (fused, unfused):
+        model.set_attn_implementation("eager")  # sdpa returns no attention weights
+    with torch.no_grad(), qbert.use_backend("reference"):
+        out = fused(**tiny.inputs(), output_hidden_states=True, output_attentions=True)
+        ref = unfused(**tiny.inputs(), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == fused.config.num_hidden_layers + 1
+    assert len(out.attentions) == fused.config.num_hidden_layers
+    for got, want in zip(out.hidden_states + out.attentions, ref.hidden_states + ref.attentions, strict=True):
+        _assert_same_math(got, want)
+
+
+def test_decoder_layers_stay_unfused():
+    fused, unfused = _pair("bert", is_decoder=True)
+    assert fused.qbert_summary.fused == ()
+
+
+COMPILED_MODES = ("w8a8", "w8a16", "w4a16", "w3a16", "w2a16", "w4a8", "w3a8", "w2a8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", COMPILED_MODES)
+def test_compiled_fullgraph_equals_eager(mode):
+    # Tier: float. Inductor may fuse and reorder the float ops around the int8 kernels.
+    model = qbert.quantize(tiny.build("BertModel", "bert"), mode)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        eager, out = model(**tiny.inputs())[0], compiled(**tiny.inputs())[0]
+    _assert_same_math(out, eager)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["roberta", "electra"])
+def test_compiled_fused_chain_of_other_families(family):
+    fused, _ = _pair(family)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        _assert_same_math(compiled(**tiny.inputs())[0], fused(**tiny.inputs())[0])
+
+
+def test_export_sees_the_chain():
+    # The codes are values in the graph: torch.export records every fused op and replays them exactly.
+    fused, _ = _pair("bert")
+    inputs = tiny.inputs()
+    program = torch.export.export(fused, (), inputs)
+    ops_in_graph = {str(node.target) for node in program.graph.nodes}
+    assert {"qbert.add_layernorm_quantize.default", "qbert.int8_linear.default",
+            "qbert.int8_linear_requant.default"} <= ops_in_graph
+    with torch.no_grad():
+        assert torch.equal(program.module()(**inputs)[0], fused(**inputs)[0])
