@@ -1,4 +1,9 @@
-"""Save and load quantized Hugging Face models as one safetensors file, offline.
+"""Save and load quantized Hugging Face models as one safetensors file, or a directory, offline.
+
+A directory is the Hugging Face layout (``save_pretrained`` of a model quantized by qbert, or
+``save_quantized`` into a directory): ``config.json`` with a qbert ``quantization_config`` (``qbert.hf``)
+whose ``layers`` are the entries below, and ``model.safetensors``, a file as described here (the names of
+shared tensors are those ``safetensors.torch.save_model`` keeps, ``tensors_to_save``).
 
 File layout: the tensors of ``model.state_dict()`` (shared tensors stored once, by
 ``safetensors.torch.save_model``), and string metadata:
@@ -39,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 import warnings
@@ -86,6 +92,12 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
 
 # Temporary files of a save: ".<target name>.<pid>.<random>.qbert-tmp" next to the target.
 TEMP_SUFFIX = ".qbert-tmp"
+# A directory in the Hugging Face layout (transformers' SAFE_WEIGHTS_NAME, CONFIG_NAME, the sharded index).
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+SHARDED_INDEX_NAME = "model.safetensors.index.json"
+QUANT_METHOD = "qbert"  # the quantization_config's quant_method (qbert.hf registers it with transformers)
+MAX_CONFIG_BYTES = 2**24  # 16 MiB: a BERT-family config.json with every layer entry is well under 1 MiB
 _TEMP_RANDOM = "[a-z0-9_]+"  # tempfile.mkstemp's random part
 # rw-r--r--: what a plainly created file gets under the common umask 022 (mkstemp makes it rw-------).
 _FILE_MODE = 0o644
@@ -118,14 +130,22 @@ def state_dict_checksum(state_dict: dict[str, torch.Tensor]) -> str:
 # ---- save -------------------------------------------------------------------------------------------
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model`` (a transformers model quantized by ``qbert.quantize``) to the safetensors ``path``.
+    """Write ``model`` (a transformers model quantized by ``qbert.quantize``) to the safetensors ``path``,
+    or, when ``path`` is a directory (an existing one, or a path ending in a separator, which is created),
+    in the Hugging Face layout that ``save_pretrained`` writes and ``from_pretrained`` reads after
+    ``import qbert``: ``config.json`` with the ``quantization_config`` and ``model.safetensors``, which
+    holds the tensors and metadata a file save writes.
 
     The file is written to a temporary file in the same directory and moved over ``path`` with
-    ``os.replace``, so a failed save leaves an earlier file at ``path`` intact and no temporary file.
+    ``os.replace``, so a failed save leaves an earlier file at ``path`` intact and no temporary file
+    (a directory save writes a temporary directory beside it and moves each file in).
     Temporary files for ``path`` that a killed save left behind (their process is gone) are removed first.
     """
     path = os.fspath(path)
-    metadata = _metadata(model)
+    if os.path.isdir(path) or path.endswith(os.sep):
+        _save_directory(model, path)
+        return
+    metadata = file_metadata(model)
     directory, name = os.path.split(os.path.abspath(path))
     _remove_stale_temp_files(directory, name)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=directory)
@@ -147,8 +167,45 @@ def _remove_stale_temp_files(directory: str, name: str) -> None:
     for entry in os.listdir(directory):
         match = pattern.fullmatch(entry)
         if match and not _process_running(int(match.group(1))):
+            stale = os.path.join(directory, entry)
             with contextlib.suppress(FileNotFoundError):  # another save removed it first
-                os.remove(os.path.join(directory, entry))
+                if os.path.isdir(stale) and not os.path.islink(stale):
+                    shutil.rmtree(stale)
+                else:
+                    os.remove(stale)
+
+
+def _save_directory(model: nn.Module, directory: str) -> None:
+    """``save_pretrained`` into a temporary directory beside ``directory``, then each file moved in."""
+    from qbert.hf import attached
+
+    file_metadata(model)  # refuses models load_quantized cannot rebuild, before anything is written
+    os.makedirs(directory, exist_ok=True)
+    parent, name = os.path.split(os.path.abspath(directory))
+    _remove_stale_temp_files(parent, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=parent)
+    try:
+        with attached(model):
+            model.save_pretrained(tmp)
+        for entry in sorted(os.listdir(tmp)):
+            written = os.path.join(tmp, entry)
+            os.chmod(written, _FILE_MODE)
+            with open(written, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(written, os.path.join(directory, entry))
+    finally:
+        shutil.rmtree(tmp)
+
+
+def tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each group of shared tensors (tied weights, a layer reachable by several
+    names) under one name, the first in sorted order: the names ``safetensors.torch.save_model`` keeps, so a
+    directory's ``model.safetensors`` and a ``save_quantized`` file hold the same names."""
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return {min(names): state[min(names)].detach().contiguous() for names in groups.values()}
 
 
 def _process_running(pid: int) -> bool:
@@ -163,7 +220,7 @@ def _process_running(pid: int) -> bool:
     return True
 
 
-def _metadata(model: nn.Module) -> dict[str, str]:
+def file_metadata(model: nn.Module) -> dict[str, str]:
     import transformers
 
     from qbert import __version__
@@ -182,7 +239,7 @@ def _metadata(model: nn.Module) -> dict[str, str]:
         KEY_MODEL_CLASS: class_name,
         KEY_CONFIG: model.config.to_json_string(use_diff=False),
         KEY_FLOAT_DTYPE: _float_dtype_name(model),
-        KEY_LAYERS: json.dumps(_layer_entries(model)),
+        KEY_LAYERS: json.dumps(layer_entries(model)),
         KEY_CHECKSUM: state_dict_checksum(model.state_dict()),
         KEY_QBERT_VERSION: __version__,
     }
@@ -199,7 +256,7 @@ def _float_dtype_name(model: nn.Module) -> str:
     return str(dtypes.pop() if dtypes else torch.float32).removeprefix("torch.")
 
 
-def _layer_entries(model: nn.Module) -> list[dict]:
+def layer_entries(model: nn.Module) -> list[dict]:
     entries: dict[int, dict] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if not isinstance(module, QLinear):
@@ -224,15 +281,26 @@ def _layer_entries(model: nn.Module) -> list[dict]:
 def load_quantized(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model saved by ``save_quantized`` at ``path`` (on CPU, in eval mode), offline.
 
-    Raises ``QuantizedFileError`` naming the file and the problem for a missing file or a directory, a
-    corrupt file, a missing or unknown format or format version, a model class outside qbert's families,
-    a config that names remote code or a non-built-in implementation or has fields of the wrong type,
-    malformed layer entries, tensors whose names, shapes or dtypes do not match the model rebuilt from
-    the metadata (checked on the meta device, before anything real is built), or a checksum mismatch.
+    ``path`` is a file, or a directory in the Hugging Face layout (``save_pretrained`` / a directory
+    ``save_quantized``): its ``model.safetensors`` gets every check a file gets, and its ``config.json``
+    must hold a qbert ``quantization_config`` whose layers are the file's; its ``fuse`` option is honoured.
+
+    Raises ``QuantizedFileError`` naming the file and the problem for a missing file, a directory without
+    those files (or with a sharded checkpoint), a corrupt file, a missing or unknown format or format
+    version, a model class outside qbert's families, a config that names remote code or a non-built-in
+    implementation or has fields of the wrong type, malformed layer entries, tensors whose names, shapes
+    or dtypes do not match the model rebuilt from the metadata (checked on the meta device, before
+    anything real is built), or a checksum mismatch.
     """
     path = os.fspath(path)
+    fused = True  # as qbert.quantize does by default
+    if os.path.isdir(path):
+        directory, path = path, _directory_weights(path)
+    else:
+        directory = None
     metadata, stored = _read_header(path)
-    version = int(metadata[KEY_FORMAT_VERSION])
+    if directory is not None:
+        fused = _directory_config(directory, metadata)
     model_class = _model_class(path, metadata)
     config = _config(path, metadata, model_class, stored)
     dtype = _FLOAT_DTYPES.get(metadata[KEY_FLOAT_DTYPE])
@@ -242,16 +310,77 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     layers = _layer_specs(path, metadata)
     with torch.device("meta"):
         skeleton = _build(path, model_class, config, dtype, layers)
-    _check_tensors(path, skeleton, stored)
+    check_tensors(path, skeleton, stored)
 
     model = _build(path, model_class, config, dtype, layers)
     try:
         load_model(model, path, strict=True)
     except safetensors.SafetensorError as exc:
         raise QuantizedFileError(f"load_quantized: {path}: the tensor data cannot be read: {exc}") from exc
-    _check_checksum(path, metadata, version, model)
-    fuse(model)  # as qbert.quantize does by default; the fused modules keep every parameter's name
+    check_checksum(path, metadata, model)
+    if fused:
+        fuse(model)  # the fused modules keep every parameter's name
     return model.eval()
+
+
+def _directory_weights(directory: str) -> str:
+    """The weights file of a Hugging Face directory: ``model.safetensors`` (a sharded one is refused)."""
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.lexists(weights):
+        sharded = os.path.lexists(os.path.join(directory, SHARDED_INDEX_NAME))
+        why = (f"it holds a sharded checkpoint ({SHARDED_INDEX_NAME}); load it with from_pretrained, or save "
+               f"it as one file" if sharded else "it is not a qbert quantized model directory")
+        raise QuantizedFileError(f"load_quantized: {directory} is a directory without {WEIGHTS_NAME}: {why}")
+    return weights
+
+
+def _directory_config(directory: str, metadata: dict[str, str]) -> bool:
+    """Check a directory's config.json against its weights' metadata; returns its ``fuse`` option."""
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_CONFIG_BYTES:
+            raise QuantizedFileError(f"load_quantized: {path} is {size} bytes; a config.json has at most "
+                                     f"{MAX_CONFIG_BYTES}")
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError as exc:
+        raise QuantizedFileError(f"load_quantized: {directory} has {WEIGHTS_NAME} but no {CONFIG_NAME}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuantizedFileError(f"load_quantized: {path} is not a readable JSON file: {exc}") from exc
+    quantization = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not (isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD):
+        raise QuantizedFileError(f"load_quantized: {path} has no qbert quantization_config (quant_method "
+                                 f"{QUANT_METHOD!r})")
+    check_same_layers(path, quantization.get("layers"), metadata)
+    fused = quantization.get("fuse")
+    if not isinstance(fused, bool):
+        raise QuantizedFileError(f"load_quantized: {path}: quantization_config 'fuse' must be true or false, "
+                                 f"got {fused!r}")
+    return fused
+
+
+def check_same_layers(path: str, layers, metadata: dict[str, str]) -> None:
+    """config.json's quantization_config layers are the weights file's ``qbert.layers``."""
+    if layers != _parse_json(path, metadata, KEY_LAYERS):
+        raise QuantizedFileError(f"load_quantized: {path}: the quantization_config's layers differ from the "
+                                 f"weights' metadata {KEY_LAYERS!r}: config.json and {WEIGHTS_NAME} come from "
+                                 f"different saves")
+
+
+def read_headers(paths: list[str]) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+    """``_read_header`` of each checkpoint file (the shards of one save, with the same metadata), merged."""
+    metadata, stored = _read_header(paths[0])
+    for path in paths[1:]:
+        shard_metadata, shard = _read_header(path)
+        if shard_metadata != metadata:
+            raise QuantizedFileError(f"load_quantized: {path}: its metadata differs from that of {paths[0]}; "
+                                     f"the shards come from different saves")
+        doubled = sorted(set(shard) & set(stored))
+        if doubled:
+            raise QuantizedFileError(f"load_quantized: {path}: tensors {doubled} are in another shard too")
+        stored.update(shard)
+    return metadata, stored
 
 
 def _read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
@@ -337,6 +466,11 @@ def _config(path: str, metadata: dict[str, str], model_class: type, stored: dict
     if not isinstance(raw, dict):
         raise QuantizedFileError(f"load_quantized: {path}: metadata {KEY_CONFIG!r} must be a JSON object, "
                                  f"got {type(raw).__name__}")
+    quantization = raw.pop("quantization_config", None)  # a model saved by from_pretrained with QbertConfig
+    if quantization is not None and not (isinstance(quantization, dict)
+                                         and quantization.get("quant_method") == QUANT_METHOD):
+        raise QuantizedFileError(f"load_quantized: {path}: the config's quantization_config is not qbert's "
+                                 f"(quant_method {QUANT_METHOD!r}): {quantization!r}")
     remote = [key for key in REMOTE_CODE_KEYS if key in raw]
     if remote:
         raise QuantizedFileError(f"load_quantized: {path}: the config carries remote-code fields {remote}; "
@@ -396,7 +530,11 @@ _SCALAR_FIELD_TYPES = {
 
 def _layer_specs(path: str, metadata: dict[str, str]) -> list[_LayerSpec]:
     """Each ``qbert.layers`` entry, checked: (names, in_features, out_features, bias, bias dtype, format)."""
-    entries = _parse_json(path, metadata, KEY_LAYERS)
+    return layer_specs(path, _parse_json(path, metadata, KEY_LAYERS))
+
+
+def layer_specs(path: str, entries) -> list[_LayerSpec]:
+    """``_layer_specs`` of entries already parsed (a config.json's quantization_config layers)."""
     if not isinstance(entries, list):
         raise QuantizedFileError(f"load_quantized: {path}: metadata {KEY_LAYERS!r} must be a JSON list of "
                                  f"layer entries, got {entries!r}")
@@ -456,11 +594,11 @@ def _build(path: str, model_class: type, config, dtype: torch.dtype, layers: lis
         raise QuantizedFileError(f"load_quantized: {path}: the config cannot build {model_class.__name__}: "
                                  f"{type(exc).__name__}: {exc}") from exc
     for spec in layers:
-        _place_qlinear(path, model, *spec)
+        place_qlinear(path, model, *spec)
     return model
 
 
-def _place_qlinear(path: str, model: nn.Module, names: list[str], in_features: int, out_features: int,
+def place_qlinear(path: str, model: nn.Module, names: list[str], in_features: int, out_features: int,
                    has_bias: bool, bias_dtype: torch.dtype, mode: LinearFormat | str) -> None:
     """Put one empty QLinear at each of ``names`` (Linears of that shape in the float model)."""
     for name in names:
@@ -483,14 +621,23 @@ def _place_qlinear(path: str, model: nn.Module, names: list[str], in_features: i
         setattr(model.get_submodule(parent_name), attr, qlinear)
 
 
-def _check_tensors(path: str, skeleton: nn.Module, stored: dict[str, tuple[list[int], str]]) -> None:
-    """The file holds exactly the skeleton's tensors (one name per tied group), in its shapes and dtypes."""
+def check_tensors(path: str, skeleton: nn.Module, stored: dict[str, tuple[list[int], str]],
+                  tied: dict[str, str] | None = None) -> None:
+    """The file holds exactly the skeleton's tensors (one name per tied group), in its shapes and dtypes.
+
+    Tied groups are the skeleton's shared tensors, joined by ``tied`` (target -> source name: a
+    transformers skeleton built without tying its weights, as ``from_pretrained`` builds one)."""
     expected = skeleton.state_dict(keep_vars=True)
-    tied: dict[int, list[str]] = {}
-    for name, tensor in expected.items():
-        tied.setdefault(id(tensor), []).append(name)
-    missing = [" / ".join(names) for names in tied.values() if not any(n in stored for n in names)]
-    doubled = [names for names in tied.values() if sum(n in stored for n in names) > 1]
+    group_of: dict[str, int] = {name: id(tensor) for name, tensor in expected.items()}
+    for target, source in (tied or {}).items():
+        if target in group_of and source in group_of:
+            old, new = group_of[target], group_of[source]
+            group_of = {name: new if group == old else group for name, group in group_of.items()}
+    groups: dict[int, list[str]] = {}
+    for name, group in group_of.items():
+        groups.setdefault(group, []).append(name)
+    missing = [" / ".join(names) for names in groups.values() if not any(n in stored for n in names)]
+    doubled = [names for names in groups.values() if sum(n in stored for n in names) > 1]
     unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected or doubled:
         problems = [f"{what} {names}" for what, names in (("missing", missing), ("unexpected", unexpected),
@@ -507,7 +654,9 @@ def _check_tensors(path: str, skeleton: nn.Module, stored: dict[str, tuple[list[
                                      f"{list(want.shape)} {want.dtype}")
 
 
-def _check_checksum(path: str, metadata: dict[str, str], version: int, model: nn.Module) -> None:
+def check_checksum(path: str, metadata: dict[str, str], model: nn.Module) -> None:
+    """The loaded model's ``state_dict_checksum`` is the one the save recorded (older versions: a warning)."""
+    version = int(metadata[KEY_FORMAT_VERSION])
     if version < CHECKSUM_SINCE_VERSION:
         warnings.warn(f"load_quantized: {path} has format version {version}, which has no checksum: its "
                       f"tensor data is not verified; save the model again with this qbert (format version "

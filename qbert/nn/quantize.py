@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,7 +100,17 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
     if fuse:
         summary = dataclasses.replace(summary, fused=fused.fuse(model))
     setattr(model, SUMMARY_ATTR, summary)
+    if _holds_transformers_model(model):
+        from qbert import hf
+
+        hf.attach(model)  # save_pretrained then writes a directory from_pretrained restores
     return model
+
+
+def _holds_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is, or holds, a transformers model (transformers is imported by then if so)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and any(isinstance(m, transformers.PreTrainedModel) for m in model.modules())
 
 
 def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: int | None,

@@ -250,8 +250,8 @@ def test_a_tied_tensor_stored_under_both_names_is_refused(tmp_path, request):
     _refused(path, rf"tied tensors stored twice \[\['{name}', '{alias}'\]\]")
 
 
-def test_a_directory_is_refused_naming_it(tmp_path):
-    _refused(tmp_path, "is a directory, not a qbert quantized model file")
+def test_a_directory_without_a_qbert_save_is_refused_naming_it(tmp_path):
+    _refused(tmp_path, "is a directory without model.safetensors: it is not a qbert quantized model directory")
 
 
 def test_a_missing_file_is_refused_naming_it(tmp_path):
