@@ -6,6 +6,7 @@
     qbert allocate --model DIR --data FILE --budget 3bits|40MB --method trace|eigen --out plan.json
                                                  Hessian-guided format per layer: a plan + a plot
     qbert quantize --model DIR --plan plan.json --out DIR   apply a plan, write DIR/model.safetensors
+    qbert embed --model PATH --input FILE --out DIR   embed a corpus with Ray Data actors (the ray extra)
 
 A command that cannot do what it was asked (an option out of range, an unwritable output, CUDA missing,
 bad calibration data, an infeasible budget, a plan that does not fit the model) prints one line,
@@ -16,6 +17,7 @@ are checked while parsing, before any long work. Any other exception is a bug an
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import math
 import os
@@ -267,7 +269,9 @@ def _quantize(args: argparse.Namespace) -> int:
     return allocate_command.run_quantize(args)
 
 
-COMMANDS = {"info": _info, "demo": _demo, "bench": _bench, "allocate": _allocate, "quantize": _quantize}
+COMMANDS = {"info": _info, "demo": _demo, "bench": _bench, "allocate": _allocate, "quantize": _quantize,
+            # imported when used: qbert.embed_command imports this module, and Ray only when it runs
+            "embed": lambda args: importlib.import_module("qbert.embed_command").run(args)}
 
 
 def build_parser() -> ArgumentParser:
@@ -287,6 +291,7 @@ def build_parser() -> ArgumentParser:
         commands.add_parser("allocate", help="choose a format per layer from Hessian sensitivities (a plan)"))
     allocate_command.add_quantize_arguments(
         commands.add_parser("quantize", help="apply a plan to a model and save it quantized"))
+    importlib.import_module("qbert.embed_command").add_parser(commands)
     return parser
 
 
