@@ -41,6 +41,40 @@ def round_half_even(y):
     return (y + _RNE_MAGIC) - _RNE_MAGIC
 
 
+# ---- per-token int8 quantization (quantize_per_token's rule: qbert/ops/quantize_per_token.py) ---------
+_INF = tl.constexpr(float("inf"))
+_NAN = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def finite_abs(x):
+    """|x| where x is finite, +inf where it is a NaN or an infinity (NaN < inf is false).
+
+    Its max over a row is +inf exactly when the row holds a non-finite value; a plain max of |x| might
+    drop a NaN (PTX's max.f32 returns the other operand)."""
+    ax = tl.abs(x)
+    return tl.where(ax < _INF, ax, _INF)
+
+
+@triton.jit
+def token_scale(amax):
+    """The scale of a row whose max of ``finite_abs`` is ``amax``: amax / 127 (IEEE division), 1 where
+    that is 0 (an all-zero row, or an underflow), NaN for a row holding a NaN or an infinity."""
+    scale = tl.math.div_rn(amax, QMAX)
+    scale = tl.where(scale > 0, scale, 1.0)
+    return tl.where(amax < _INF, scale, _NAN)
+
+
+@triton.jit
+def token_codes(x, scale, finite):
+    """int8 codes clamp(round_half_even(x / scale), -127, 127) of float32 ``x``; 0 where the row is not
+    ``finite`` (its scale is NaN). Clamping before rounding is the same as after (the bounds are integers)
+    and keeps |x / scale| small enough for round_half_even; the rounded value is integral, so the int8
+    cast is exact."""
+    c = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
+    return tl.where(finite, round_half_even(c), 0.0).to(tl.int8)
+
+
 # bfloat16 keeps the top 16 bits of a float32; rounding to nearest even adds half an ulp minus one, plus
 # the kept lsb, before dropping them.
 _BF16_DROPPED_BITS = tl.constexpr(16)

@@ -1,9 +1,10 @@
 """Triton per-token int8 quantization, bit-exact with quantize_per_token_reference.
 
-One program per row: pass 1 reduces amax over K in BLOCK_K chunks, pass 2 re-reads the row (from L1/L2:
-a BERT row is at most a few KiB) and writes the codes. Both divisions are IEEE-correctly rounded
-(``div_rn``): PTX's default f32 ``/`` in Triton is approximate, and one ulp off in the scale or in
-x / scale moves codes that sit on a rounding boundary.
+One program per row: pass 1 reduces amax over K in BLOCK_K chunks (+inf when the row holds a NaN or an
+infinity: scale NaN, codes 0), pass 2 re-reads the row (from L1/L2: a BERT row is at most a few KiB) and
+writes the codes. Both divisions are IEEE-correctly rounded (``div_rn``): PTX's default f32 ``/`` in
+Triton is approximate, and one ulp off in the scale or in x / scale moves codes that sit on a rounding
+boundary.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qbert.kernels._common import QMAX, check_contiguous, round_half_even
+from qbert.kernels._common import check_contiguous, finite_abs, token_codes, token_scale
 
 # A whole BERT row (K <= 4096) in one chunk; longer rows loop. Chunks of 4096 f32 across 8 warps are 16
 # values per thread, which stays in registers.
@@ -34,20 +35,16 @@ def _quantize_per_token_kernel(
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.maximum(amax, finite_abs(x))
     row_amax = tl.max(amax, axis=0)
-    # An all-zero row gets scale 1 (codes 0) rather than a division by zero.
-    scale = tl.where(row_amax > 0, tl.math.div_rn(row_amax, QMAX), 1.0)
+    scale = token_scale(row_amax)
+    finite = row_amax < float("inf")
     tl.store(scale_ptr + row, scale)
 
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.math.div_rn(x, scale)
-        # Clamping before rounding is the same as after (the bounds are integers) and keeps |y| small
-        # enough for round_half_even; the rounded value is integral, so the int8 cast is exact.
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        tl.store(q_row + k0 + offs, round_half_even(y).to(tl.int8), mask=mask)
+        tl.store(q_row + k0 + offs, token_codes(x, scale, finite), mask=mask)
 
 
 def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,14 +3,18 @@
 // that stays in L1 (a BERT row is 3-4 KiB):
 //   1. h = x + residual, summed in f32 and rounded to x.dtype: for f16 / bf16 that is the correctly
 //      rounded sum PyTorch's add gives (rounding twice is harmless when f32's 24 bits >= 2p + 2, p = 11, 8);
-//   2. mean, then the variance as the mean of (h - mean)^2: two passes over the buffer, which do not
-//      cancel as E[h^2] - mean^2 would;
-//   3. y = ((h - mean) * rstd) * weight + bias, rstd = 1 / sqrt(var + eps), rounded to x.dtype;
-//   4. the per-token int8 codes of that rounded y, bit-exact with quantize_per_token_reference: scale =
-//      amax / 127, codes = clamp(round_half_even(y / scale), +-127) with a true division (see
-//      quantize_per_token.cpp for why not a reciprocal).
-// y agrees with torch's layer_norm to float32 rounding (the float tier), not bit for bit: torch reduces
-// with a cascaded Welford and folds mean and rstd into one multiply-add.
+//   2. max |h| (an integer max of bit patterns, token_quant.h): a row holding a NaN or an infinity gives
+//      y = NaN, codes 0, scale NaN; a row with max |h| > kUnscaledMax is multiplied by a power of two c
+//      (exact) that brings it into [2, 4), and eps by c^2, so that its sum of squares cannot overflow;
+//   3. the mean, summed in f64 (exact for a constant row: K copies of a 24-bit value need at most
+//      24 + log2 K < 53 bits), rounded to f32; then the variance as the f32 mean of (h - mean)^2: two
+//      passes, which do not cancel as E[h^2] - mean^2 would;
+//   4. y = ((h - mean) * rstd) * weight + bias, rstd = 1 / sqrt(var + eps), rounded to x.dtype;
+//   5. the per-token int8 codes of that rounded y, bit-exact with quantize_per_token_reference (scale =
+//      amax / 127, codes = clamp(round_half_even(y / scale), +-127) with a true division, see
+//      quantize_per_token.cpp for why not a reciprocal; NaN scale and codes 0 for a non-finite y row).
+// y agrees with the exact LayerNorm (the reference's, in f64) to float32 rounding (the float tier), not bit
+// for bit.
 //
 // The loops are plain C++ written so that GCC vectorizes them: every reduction keeps kLanes independent
 // partial results (a vectorizer may not reassociate a single float sum). The same code is compiled once
@@ -23,11 +27,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
 #include "cpu/isa.h"
+#include "cpu/token_quant.h"
 
 // Everything below rounds each product and sum on its own (GCC's default is -ffp-contract=fast).
 #pragma GCC push_options
@@ -36,12 +42,20 @@
 namespace qbert::cpu {
 namespace {
 
-constexpr float kQmax = 127.0f;  // qbert.quant.int8.INT8_QMAX: symmetric codes, -128 never produced
+using token::kQmax;
 // Partial sums / maxima per reduction: one AVX-512 vector of f32 (two AVX2 ones). Fixed for every ISA so
 // that the summation order, and with it every result bit, does not depend on the ISA.
 constexpr int kLanes = 16;
 // Rows per parallel task: enough work (rows * K elements) that a task outweighs its scheduling.
 constexpr int64_t kMinElemsPerTask = 16384;
+// The largest max |h| normalized as it is: then |h - mean| <= 2^33, and K (2^33)^2 stays below f32's max
+// (2^128) for every K < 2^62. Rows of larger values are scaled first (step 2).
+constexpr float kUnscaledMax = 4294967296.0f;  // 2^32
+constexpr uint32_t kExponentMask = 0x7f800000u;  // f32's exponent field: v & it is 2^e for v = m 2^e
+constexpr float kScaledMin = 2.0f;               // a scaled row's max |h| lies in [2, 4)
+// The eps the kernel accepts (qbert/ops/add_layernorm_quantize.py's EPS_MIN / EPS_MAX): normal f32 numbers.
+constexpr double kEpsMin = std::numeric_limits<float>::min();
+constexpr double kEpsMax = std::numeric_limits<float>::max();
 
 #define QBERT_INLINE inline __attribute__((always_inline))
 
@@ -58,22 +72,17 @@ struct Args {
 };
 
 // Sums the kLanes partials pairwise, in the same order on every ISA.
-QBERT_INLINE float fold_sum(float* acc) {
+template <class Acc>
+QBERT_INLINE Acc fold_sum(Acc* acc) {
   for (int width = kLanes / 2; width > 0; width /= 2)
     for (int j = 0; j < width; ++j) acc[j] = acc[j] + acc[j + width];
   return acc[0];
 }
 
-QBERT_INLINE float fold_max(float* acc) {
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int j = 0; j < width; ++j) acc[j] = acc[j] > acc[j + width] ? acc[j] : acc[j + width];
-  return acc[0];
-}
-
-// sum_k f(v[k]) over k < K with kLanes partial sums (lane = k % kLanes).
-template <class F>
-QBERT_INLINE float lane_sum(const float* v, int64_t K, F f) {
-  float acc[kLanes] = {};
+// sum_k f(v[k]) over k < K with kLanes partial sums of type Acc (lane = k % kLanes).
+template <class Acc, class F>
+QBERT_INLINE Acc lane_sum(const float* v, int64_t K, F f) {
+  Acc acc[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] = acc[j] + f(v[k + j]);
@@ -81,19 +90,23 @@ QBERT_INLINE float lane_sum(const float* v, int64_t K, F f) {
   return fold_sum(acc);
 }
 
-QBERT_INLINE float lane_amax(const float* v, int64_t K) {
-  float acc[kLanes] = {};
+// max_k token::abs_bits(v[k]): max |v| as a bit pattern, at or above kInfBits when v holds a NaN or an inf.
+QBERT_INLINE uint32_t lane_amax_bits(const float* v, int64_t K) {
+  uint32_t acc[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const float a = std::fabs(v[k + j]);
-      acc[j] = acc[j] > a ? acc[j] : a;
-    }
-  for (int j = 0; k + j < K; ++j) {
-    const float a = std::fabs(v[k + j]);
-    acc[j] = acc[j] > a ? acc[j] : a;
-  }
-  return fold_max(acc);
+    for (int j = 0; j < kLanes; ++j) acc[j] = std::max(acc[j], token::abs_bits(v[k + j]));
+  for (int j = 0; k + j < K; ++j) acc[j] = std::max(acc[j], token::abs_bits(v[k + j]));
+  uint32_t amax = 0;
+  for (int j = 0; j < kLanes; ++j) amax = std::max(amax, acc[j]);
+  return amax;
+}
+
+// c = 2 / 2^e for a positive normal float v = m 2^e, m in [1, 2): v c lies in [2, 4). c is a power of two
+// (the division is exact), and a normal float for every finite v (c >= 2^-126), so multiplying by it is
+// exact barring underflow.
+QBERT_INLINE float scale_factor(float v) {
+  return kScaledMin / token::from_bits(token::abs_bits(v) & kExponentMask);
 }
 
 // ---- conversions between a row of T and f32 -----------------------------------------------------
@@ -166,10 +179,31 @@ QBERT_INLINE void row(const Args& a, int64_t m, float* h, float* tmp) {
     }
   }
 
-  const float count = static_cast<float>(K);  // exact for K <= 2**24
-  const float mean = lane_sum(h, K, [](float v) { return v; }) / count;
-  const float var = lane_sum(h, K, [mean](float v) { return (v - mean) * (v - mean); }) / count;
-  const float rstd = 1.0f / std::sqrt(var + a.eps);
+  int8_t* q = a.q + m * K;
+  const uint32_t hmax_bits = lane_amax_bits(h, K);
+  if (!token::finite_row(hmax_bits)) {  // a NaN or an infinity: y = NaN, codes 0, scale NaN
+    std::fill(h, h + K, std::numeric_limits<float>::quiet_NaN());
+    Cvt::store(h, y, K);
+    std::fill(q, q + K, int8_t{0});
+    a.scale[m] = token::nonfinite_scale();
+    return;
+  }
+  float eps = a.eps;
+  if (token::from_bits(hmax_bits) > kUnscaledMax) {
+    // Normalization is invariant under h -> c h, eps -> c^2 eps; c is a power of two, so h * c is exact.
+    const float c = scale_factor(token::from_bits(hmax_bits));
+    for (int64_t k = 0; k < K; ++k) h[k] = h[k] * c;
+    eps = eps * c * c;  // may underflow to 0: only where eps is negligible beside the variance
+  }
+
+  const double count = static_cast<double>(K);
+  const float mean = static_cast<float>(lane_sum<double>(h, K, [](float v) { return static_cast<double>(v); }) / count);
+  const float var =
+      lane_sum<float>(h, K, [mean](float v) { return (v - mean) * (v - mean); }) / static_cast<float>(count);
+  // var + eps is 0 only for a constant row (h - mean = 0 everywhere: the f64 mean is exact) of scaled
+  // values whose scaled eps underflowed; any finite rstd then gives y = bias, as the reference does.
+  const float var_eps = var + eps;
+  const float rstd = var_eps > 0.0f ? 1.0f / std::sqrt(var_eps) : 0.0f;
   for (int64_t k = 0; k < K; ++k) {
     float v = ((h[k] - mean) * rstd) * a.weight[k];
     if constexpr (kBias) v = v + a.bias[k];
@@ -178,9 +212,13 @@ QBERT_INLINE void row(const Args& a, int64_t m, float* h, float* tmp) {
   Cvt::store(h, y, K);
   if constexpr (!kF32) Cvt::load(y, h, K);  // the codes quantize the rounded y that is returned
 
-  const float amax = lane_amax(h, K);
-  const float scale = amax > 0.0f ? amax / kQmax : 1.0f;  // an all-zero row: codes 0, scale 1
-  int8_t* q = a.q + m * K;
+  const uint32_t amax_bits = lane_amax_bits(h, K);
+  if (!token::finite_row(amax_bits)) {  // y overflowed (or a parameter is not finite): codes 0, scale NaN
+    std::fill(q, q + K, int8_t{0});
+    a.scale[m] = token::nonfinite_scale();
+    return;
+  }
+  const float scale = token::scale_of(token::from_bits(amax_bits));
   for (int64_t k = 0; k < K; ++k) {
     // nearbyint rounds half to even in the default rounding mode, as torch.round does.
     float c = std::nearbyint(h[k] / scale);
@@ -261,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_quantize_cpu(const 
   const int64_t M = x.size(0), K = x.size(1);
   QBERT_CHECK(K >= 1, op, "x must have K >= 1, got shape ", x.sizes());
   check_layernorm_operands(op, x, residual, weight, bias);
-  QBERT_CHECK(eps > 0, op, "eps must be > 0, got ", eps);
+  QBERT_CHECK(eps >= kEpsMin && eps <= kEpsMax, op, "eps must be a normal float32 number in [", kEpsMin, ", ",
+              kEpsMax, "] (added to a float32 variance), got ", eps);
 
   // [K] each: the kernel reads f32 parameters (no copy when they already are contiguous f32).
   const at::Tensor weight_f32 = weight.to(at::kFloat).contiguous();

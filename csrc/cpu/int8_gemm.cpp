@@ -17,7 +17,8 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   QBERT_CHECK_CONTIGUOUS(a, op);
   QBERT_CHECK_CONTIGUOUS(b, op);
   QBERT_CHECK(a.size(1) == b.size(1), op, "K mismatch: a is ", a.sizes(), ", b is ", b.sizes());
-  QBERT_CHECK(a.size(1) >= 1, op, "K must be >= 1, got a of shape ", a.sizes());
+  QBERT_CHECK(a.size(1) >= 1 && a.size(1) <= kInt8GemmMaxK, op, "K must be in [1, ", kInt8GemmMaxK,
+              "] (beyond it an int32 accumulator can overflow), got a of shape ", a.sizes());
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
   Epilogue epi;

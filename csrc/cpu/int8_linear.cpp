@@ -45,7 +45,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, con
   QBERT_CHECK_DIM(w_q, 2, op);
   const int64_t M = x_q.size(0), N = w_q.size(0), K = x_q.size(1);
   QBERT_CHECK(w_q.size(1) == K, op, "K mismatch: x_q is ", x_q.sizes(), ", w_q is ", w_q.sizes());
-  QBERT_CHECK(K >= 1, op, "K must be >= 1, got x_q of shape ", x_q.sizes());
+  QBERT_CHECK(K >= 1 && K <= kInt8GemmMaxK, op, "K must be in [1, ", kInt8GemmMaxK,
+              "] (beyond it an int32 accumulator can overflow), got x_q of shape ", x_q.sizes());
   QBERT_CHECK(x_scale.dim() == 1 && x_scale.size(0) == M, op, "x_scale must have shape [M=", M, "], got ",
               x_scale.sizes());
   QBERT_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, op, "w_scale must have shape [N=", N, "], got ",

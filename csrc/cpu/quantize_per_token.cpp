@@ -1,28 +1,29 @@
 // quantize_per_token_cpu: x [M, K] f32/f16/bf16 -> q int8 [M, K], scale f32 [M]; bit-exact with
 // qbert/ops/quantize_per_token.py::quantize_per_token_reference:
-//   scale = amax_k |x| / 127 (f32 division; an all-zero row gets 1), q = clamp(rne(x / scale), +-127).
+//   scale = amax_k |x| / 127 (f32 division; 1 where that is 0), q = clamp(rne(x / scale), +-127);
+//   a row holding a NaN or an infinity: scale NaN, codes 0 (token_quant.h: its amax is an integer max).
 // The quotient is a true division, not x * (1 / scale): the reciprocal rounds once more and flips
 // codes that sit near a .5 boundary. Rows are independent, so the parallel split is over rows.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "common/checks.h"
 #include "cpu/isa.h"
+#include "cpu/token_quant.h"
 
 namespace qbert::cpu {
 namespace {
 
-constexpr float kQmax = 127.0f;  // qbert.quant.int8.INT8_QMAX: symmetric codes, -128 never produced
+using token::kQmax;
 constexpr int kWordBits = 16;    // a bf16 is the high half of a f32: shift its bits up by 16
 // Rows per parallel task: enough work (rows * K elements) that a task outweighs its scheduling.
 constexpr int64_t kMinElemsPerTask = 16384;
 
 enum class In { kF32, kF16, kBF16 };
-
-inline float scale_from_amax(float amax) { return amax > 0.0f ? amax / kQmax : 1.0f; }
 
 // ---- scalar: the portable path and every vector path's tail ----------------------------------------
 inline float load_scalar(const void* x, int64_t i, In in) {
@@ -40,10 +41,22 @@ inline int8_t quantize_scalar(float v, float scale) {
   return static_cast<int8_t>(std::fmin(std::fmax(r, -kQmax), kQmax));
 }
 
+// max_k of token::abs_bits(x[k]) over k in [k0, K).
+uint32_t amax_bits_scalar(const void* x, int64_t k0, int64_t K, In in, uint32_t amax_bits) {
+  for (int64_t k = k0; k < K; ++k) amax_bits = std::max(amax_bits, token::abs_bits(load_scalar(x, k, in)));
+  return amax_bits;
+}
+
+// A row holding a NaN or an infinity: codes 0, scale NaN.
+float nonfinite_row(int64_t K, int8_t* q) {
+  std::fill(q, q + K, int8_t{0});
+  return token::nonfinite_scale();
+}
+
 float row_scalar(const void* x, int64_t K, In in, int8_t* q) {
-  float amax = 0.0f;
-  for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(load_scalar(x, k, in)));
-  const float scale = scale_from_amax(amax);
+  const uint32_t amax_bits = amax_bits_scalar(x, 0, K, in, 0);
+  if (!token::finite_row(amax_bits)) return nonfinite_row(K, q);
+  const float scale = token::scale_of(token::from_bits(amax_bits));
   for (int64_t k = 0; k < K; ++k) q[k] = quantize_scalar(load_scalar(x, k, in), scale);
   return scale;
 }
@@ -65,16 +78,19 @@ __attribute__((target("avx2,f16c"))) inline __m256 load8(const void* x, int64_t 
 }
 
 __attribute__((target("avx2,f16c"))) float row_avx2(const void* x, int64_t K, In in, int8_t* q) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 vmax = _mm256_setzero_ps();
+  // The max of |x|'s bit patterns as integers (token_quant.h: a NaN or an infinity cannot get lost).
+  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(token::kAbsMask));
+  __m256i vmax = _mm256_setzero_si256();
   int64_t k = 0;
-  for (; k + kLanes8 <= K; k += kLanes8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, load8(x, k, in)));
-  alignas(32) float lanes[kLanes8];
-  _mm256_store_ps(lanes, vmax);
-  float amax = 0.0f;
-  for (float l : lanes) amax = std::fmax(amax, l);
-  for (; k < K; ++k) amax = std::fmax(amax, std::fabs(load_scalar(x, k, in)));
-  const float scale = scale_from_amax(amax);
+  for (; k + kLanes8 <= K; k += kLanes8)
+    vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(load8(x, k, in)), abs_mask));
+  alignas(32) uint32_t lanes[kLanes8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax);
+  uint32_t amax_bits = 0;
+  for (uint32_t l : lanes) amax_bits = std::max(amax_bits, l);
+  amax_bits = amax_bits_scalar(x, k, K, in, amax_bits);
+  if (!token::finite_row(amax_bits)) return nonfinite_row(K, q);
+  const float scale = token::scale_of(token::from_bits(amax_bits));
 
   const __m256 vscale = _mm256_set1_ps(scale);
   const __m256 hi = _mm256_set1_ps(kQmax), lo = _mm256_set1_ps(-kQmax);
@@ -105,6 +121,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const 
   return _mm512_setzero_ps();
 }
 
+// token::abs_bits of x[i .. i + 16) (0 in masked-off lanes).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i abs_bits16(const void* x, int64_t i, In in,
+                                                                              __mmask16 m) {
+  return _mm512_and_epi32(_mm512_castps_si512(load16(x, i, in, m)),
+                          _mm512_set1_epi32(static_cast<int>(token::kAbsMask)));
+}
+
 // 16 codes clamp(rne(x[k..] / scale), +-127) as int32 (a true division: see the top of the file).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i codes16(const void* x, In in, __m512 vscale,
                                                                            __m512 lo, __m512 hi, int64_t k,
@@ -115,21 +138,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i codes16(cons
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) float row_avx512(const void* x, int64_t K, In in, int8_t* q) {
-  // Four running maxima: one would serialise every step on the latency of vmaxps.
+  // Four running maxima: one would serialise every step on the latency of vpmaxud. They are maxima of
+  // |x|'s bit patterns as integers (token_quant.h: a NaN or an infinity cannot get lost).
   constexpr int kChains = 4;
   const __mmask16 all = 0xFFFF;
-  __m512 vmax[kChains] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512i vmax[kChains] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                           _mm512_setzero_si512()};
   int64_t k = 0;
   for (; k + kChains * kLanes16 <= K; k += kChains * kLanes16)
 #pragma GCC unroll 4
-    for (int c = 0; c < kChains; ++c)
-      vmax[c] = _mm512_max_ps(vmax[c], _mm512_abs_ps(load16(x, k + c * kLanes16, in, all)));
+    for (int c = 0; c < kChains; ++c) vmax[c] = _mm512_max_epu32(vmax[c], abs_bits16(x, k + c * kLanes16, in, all));
   for (; k < K; k += kLanes16) {
     const __mmask16 m = K - k >= kLanes16 ? all : __mmask16((1u << (K - k)) - 1);
-    vmax[0] = _mm512_max_ps(vmax[0], _mm512_abs_ps(load16(x, k, in, m)));  // masked-off lanes load 0
+    vmax[0] = _mm512_max_epu32(vmax[0], abs_bits16(x, k, in, m));  // masked-off lanes load 0
   }
-  const float scale = scale_from_amax(
-      _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3]))));
+  const uint32_t amax_bits = _mm512_reduce_max_epu32(
+      _mm512_max_epu32(_mm512_max_epu32(vmax[0], vmax[1]), _mm512_max_epu32(vmax[2], vmax[3])));
+  if (!token::finite_row(amax_bits)) return nonfinite_row(K, q);
+  const float scale = token::scale_of(token::from_bits(amax_bits));
 
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512 hi = _mm512_set1_ps(kQmax), lo = _mm512_set1_ps(-kQmax);

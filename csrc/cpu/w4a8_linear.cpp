@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -40,6 +41,12 @@ constexpr int kLanes = avx512::kLanes;
 constexpr __mmask16 kAllLanes = 0xFFFF;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The most elements a K group may have (qbert/ops/w4a8_linear.py's W4A8_MAX_GROUP_K): |x_q| <= 127 and
+// |u - zero| <= 2^4 - 1, so a group's int32 sum is exact while it has at most INT32_MAX / (127 * 15).
+constexpr int64_t kActMax = 127;
+constexpr int64_t kCodeMax = 15;
+constexpr int64_t kMaxGroupK = std::numeric_limits<int32_t>::max() / (kActMax * kCodeMax);
 
 struct Problem {
   const int8_t* a;        // x_q [M, lda], rows zero-padded to whole quads
@@ -286,6 +293,14 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
   constexpr const char* op = "w4a8_linear_cpu";
   // (u - zero) must fit an int8 operand.
   const lowbit::Operands o = lowbit::check_operands(op, x, w_packed, scales, zeros, bits, group_size, bias, {2, 3, 4});
+  const int64_t top_code = (int64_t{1} << bits) - 1;
+  if (zeros.has_value() && zeros->numel() > 0) {
+    const int64_t largest = zeros->max().item<int64_t>();
+    QBERT_CHECK(largest <= top_code, op, "zero points must be in [0, ", top_code, "] for bits=", bits,
+                " (u - zero must fit an int8 operand), got a zero point of ", largest);
+  }
+  QBERT_CHECK(std::min(group_size, o.K) <= kMaxGroupK, op, "a K group of min(group_size=", group_size, ", K=", o.K,
+              ") elements exceeds ", kMaxGroupK, ", beyond which its int32 sum can overflow");
   const auto [x_q, x_scale] = quantize_per_token_cpu(x);
   // The micro-kernels read whole quads of k: pad the rows of x_q with zeros (which add nothing).
   const int64_t lda = ceil_div(o.K, kQuad) * kQuad;

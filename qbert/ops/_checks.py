@@ -40,9 +40,27 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
         raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
 
 
+def values_readable(*tensors: torch.Tensor | None) -> bool:
+    """Whether a check may read the values of ``tensors`` now (checks of values, as opposed to shapes, run
+    in the real op only: a fake tensor has none). Reading a CUDA tensor's value waits for the GPU, which a
+    CUDA graph capture forbids, so there such checks are skipped; the eager calls a capture is always
+    preceded by (warm-up) have checked the same weights and layouts."""
+    return not any(t is not None and t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+                   for t in tensors)
+
+
 def check_nonempty_k(op: str, name: str, t: torch.Tensor) -> None:
     if t.shape[-1] == 0:
         raise ValueError(f"{op}: the last dim (K) of {name} must be at least 1, got shape {list(t.shape)}")
+
+
+def check_int8_gemm_k(op: str, name: str, t: torch.Tensor) -> None:
+    """K (the last dim of ``t``) of an int8 x int8 GEMM: at most INT8_GEMM_MAX_K, where int32 sums are exact."""
+    from qbert.quant.int8 import INT8_GEMM_MAX_K
+
+    if t.shape[-1] > INT8_GEMM_MAX_K:
+        raise ValueError(f"{op}: K={t.shape[-1]} exceeds {INT8_GEMM_MAX_K}, beyond which an int32 accumulator "
+                         f"can overflow ({name} has shape {list(t.shape)})")
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -5,12 +5,19 @@ and per-token scales in the LayerNorm kernel saves a second pass over the activa
 
 Math (the reference below is the specification):
     h        = x + residual        in x.dtype, as PyTorch adds (h = x when residual is None)
-    y        = layer_norm(h.float(), (K,), weight.float(), bias.float(), eps).to(x.dtype)
+    y        = layer_norm(h, (K,), weight.float(), bias.float(), eps).to(x.dtype)   (the exact LayerNorm of
+                                   h, here computed in float64, rounded once to x.dtype)
     y_q, y_scale = quantize_per_token(y)   (of the y that is returned: scale = amax_k |y| / 127,
                                             y_q = clamp(round_half_even(y / scale), -127, 127))
+A row of h holding a NaN or an infinity (in x, in residual, or an overflowing add) gives a y row of NaN,
+y_scale NaN and codes 0 (quantize_per_token's rule); every other row is as above. Rows anywhere in the
+float32 range are normalized correctly: the kernels, which compute in float32, first scale a row of large
+values by a power of two (exactly), so that its variance cannot overflow.
 Shapes: x [..., K] float32 / float16 / bfloat16, K >= 1; residual like x (shape and dtype) or None;
-weight [K] and bias [K] (or None) of any float dtype; eps > 0
--> y [..., K] x.dtype, y_q int8 [..., K], y_scale float32 [...]. All contiguous, on one device.
+weight [K] and bias [K] (or None) of any float dtype; eps in [EPS_MIN, EPS_MAX] = [2**-126, float32 max]
+(it is added to a float32 variance: a subnormal eps no longer keeps its own precision, nor guards the
+division by sqrt(var + eps); a larger one is not a float32) -> y [..., K] x.dtype, y_q int8 [..., K],
+y_scale float32 [...]. All contiguous, on one device.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ NAME = "add_layernorm_quantize"
 _OP = op(NAME)
 # LayerNorm parameters are read as float32 whatever their dtype (the reference's weight.float()).
 PARAM_DTYPES = (*_checks.FLOAT_DTYPES, torch.float64)
+# The eps the kernels accept: normal float32 numbers (see the module docstring).
+EPS_MIN = torch.finfo(torch.float32).tiny
+EPS_MAX = torch.finfo(torch.float32).max
 
 
 def _check(x, residual, weight, bias, eps) -> None:
@@ -46,8 +56,9 @@ def _check(x, residual, weight, bias, eps) -> None:
         _checks.check_dtype(NAME, name, param, *PARAM_DTYPES)
         if param.shape != (k,):
             raise ValueError(f"{NAME}: {name} must have shape [K={k}] (x's last dim), got {list(param.shape)}")
-    if not eps > 0:  # also refuses NaN
-        raise ValueError(f"{NAME}: eps must be > 0, got {eps!r}")
+    if not EPS_MIN <= eps <= EPS_MAX:  # also refuses NaN
+        raise ValueError(f"{NAME}: eps must be a normal float32 number in [{EPS_MIN:.6g}, {EPS_MAX:.6g}] (added to "
+                         f"a float32 variance), got {eps!r}")
     _checks.check_contiguous(NAME, x=x, residual=residual, weight=weight, bias=bias)
     _checks.check_same_device(NAME, x=x, residual=residual, weight=weight, bias=bias)
 
@@ -73,7 +84,10 @@ def add_layernorm_quantize_reference(x, residual, weight, bias, eps):
     """The specification, for x [..., K]; returns ``(y [..., K], y_q [..., K], y_scale [...])``."""
     k = x.shape[-1]
     h = x if residual is None else x + residual
-    y = F.layer_norm(h.float(), (k,), weight.float(), None if bias is None else bias.float(), eps).to(x.dtype)
+    # float64: the variance of a float32 row near the top of its range (|h| ~ 1e20) overflows float32.
+    y = F.layer_norm(h.double(), (k,), weight.float().double(), None if bias is None else bias.float().double(),
+                     eps)
+    y = y.masked_fill(~h.isfinite().all(dim=-1, keepdim=True), float("nan")).to(x.dtype)
     y_q, y_scale = quantize_per_token_reference(y.reshape(-1, k))
     return y, y_q.view(x.shape), y_scale.view(x.shape[:-1])
 

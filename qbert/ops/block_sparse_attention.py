@@ -24,7 +24,11 @@ The custom ops (``torch.ops.qbert.*``) take the layout as CSR tensors (``layout.
                                     q_counts, q_indices, block_size, key_padding_mask, scale)
                                     -> (dq, dk, dv)
 The forward only rides the transposed CSR (q_counts, q_indices) along so that its autograd formula can
-hand it to the backward, which walks it for dK and dV. Both dispatch through the registry.
+hand it to the backward, which walks it for dK and dV. Both dispatch through the registry. Both check
+the CSR's values before any kernel reads them (a kernel indexes with them): every count in
+[0, blocks], every row of indices a permutation of [0, blocks) (qbert/sparse/csr.py's form), and the
+transposed CSR the transpose of the layout. That check reads the values (one wait for the GPU per call),
+so it is skipped inside a CUDA graph capture, whose eager warm-up has checked the same cached layout.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from qbert.ops import _checks
 from qbert.ops._registry import op, triton_interpreter
 from qbert.sparse.csr import from_csr
 from qbert.sparse.layout import BLOCK_SIZES, BlockLayout
+
+_INT32_MAX = 2**31 - 1
+_CUDA_GRID_Y_MAX = 65535  # the kernels launch one program per (batch, head) along the grid's y axis
 
 NAME = "block_sparse_attention"
 BACKWARD_NAME = "block_sparse_attention_backward"
@@ -62,6 +69,43 @@ def _check_csr(op_name: str, kind: str, counts: torch.Tensor, indices: torch.Ten
                          f"{kind}_indices [layout heads, {blocks}, {blocks}] (blocks = ceil(seq / block_size)), "
                          f"got {list(counts.shape)} and {list(indices.shape)}")
     _checks.check_contiguous(op_name, **{f"{kind}_counts": counts, f"{kind}_indices": indices})
+
+
+def _csr_problem(kind: str, counts: torch.Tensor, indices: torch.Tensor, blocks: int) -> str | None:
+    """What is wrong with the values of one CSR pair (None if nothing): the first offending row."""
+    bad_count = (counts < 0) | (counts > blocks)                                     # [LH, NB]
+    if bad_count.any():
+        head, row = (int(i) for i in bad_count.nonzero()[0])
+        return (f"{kind}_counts[{head}, {row}] = {int(counts[head, row])} is outside [0, blocks={blocks}]")
+    expected = torch.arange(blocks, device=indices.device, dtype=indices.dtype)
+    not_permutation = (indices.sort(dim=-1).values != expected).any(-1)             # [LH, NB]
+    if not_permutation.any():
+        head, row = (int(i) for i in not_permutation.nonzero()[0])
+        return (f"{kind}_indices[{head}, {row}] = {indices[head, row].tolist()} is not a permutation of "
+                f"[0, blocks={blocks}) (the active blocks first, then the others)")
+    return None
+
+
+def check_csr_values(op_name: str, kv_counts, kv_indices, q_counts, q_indices, blocks: int) -> None:
+    """The CSR values the kernels index with (see the module docstring). One wait for the device when
+    they are valid; the first problem is named when they are not."""
+    if not _checks.values_readable(kv_counts, kv_indices, q_counts, q_indices):
+        return
+    expected = torch.arange(blocks, device=kv_indices.device, dtype=kv_indices.dtype)
+    checks = [((counts >= 0) & (counts <= blocks)).all() & (indices.sort(dim=-1).values == expected).all()
+              for counts, indices in ((kv_counts, kv_indices), (q_counts, q_indices))]
+    # from_csr scatters by the indices: clamped, it stays in bounds before they are known to be valid.
+    kv_mask = from_csr(kv_counts.clamp(0, blocks), kv_indices.clamp(0, blocks - 1))
+    q_mask = from_csr(q_counts.clamp(0, blocks), q_indices.clamp(0, blocks - 1))
+    checks.append((q_mask == kv_mask.transpose(-1, -2)).all())
+    if bool(torch.stack(checks).all()):
+        return
+    for kind, counts, indices in (("kv", kv_counts, kv_indices), ("q", q_counts, q_indices)):
+        problem = _csr_problem(kind, counts, indices, blocks)
+        if problem is not None:
+            raise ValueError(f"{op_name}: {problem}")
+    raise ValueError(f"{op_name}: q_counts / q_indices must be the transpose of the layout kv_counts / kv_indices "
+                     "describe (layout.csr_transposed of the same layout)")
 
 
 def _check(q, k, v, kv_counts, kv_indices, q_counts, q_indices, block_size, key_padding_mask, scale,
@@ -124,6 +168,7 @@ def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on a CSR layout: ``(out [B, H, S, D], lse float32 [B, H, S])``."""
     _check(q, k, v, kv_counts, kv_indices, q_counts, q_indices, block_size, key_padding_mask, scale)
+    check_csr_values(NAME, kv_counts, kv_indices, q_counts, q_indices, kv_counts.shape[1])
     return _OP(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale)
 
 
@@ -143,6 +188,7 @@ def block_sparse_attention_backward_op(
     args = (grad_out, grad_lse, q, k, v, out, lse, kv_counts, kv_indices, q_counts, q_indices, block_size,
             key_padding_mask, scale)
     _check_backward(*args)
+    check_csr_values(BACKWARD_NAME, kv_counts, kv_indices, q_counts, q_indices, kv_counts.shape[1])
     return _BACKWARD_OP(*args)
 
 
@@ -275,6 +321,26 @@ def block_sparse_attention_backward_reference(grad_out, grad_lse, q, k, v, out, 
 
 # ---- backend rows -------------------------------------------------------------------------------------
 
+def _int32_reasons(q, k, v, key_padding_mask, kv_indices) -> list[str]:
+    """The triton kernels' int32 offsets: a token row's offset within one (batch, head) slice (a tile
+    reaches at most one layout block past seq), the CSR's flat offsets, and the (batch, head) grid axis."""
+    reasons = []
+    batch, heads, seq, _ = q.shape
+    rows = seq + max(BLOCK_SIZES)
+    strided = [(name, t.stride(2)) for name, t in (("q", q), ("k", k), ("v", v))]
+    if key_padding_mask is not None:
+        strided.append(("key_padding_mask", key_padding_mask.stride(1)))
+    for name, stride in strided:
+        if rows * stride > _INT32_MAX:
+            reasons.append(f"{name}'s tokens are {stride} elements apart: offsets up to {rows} * {stride} within "
+                           "one (batch, head) overflow the kernels' int32 arithmetic")
+    if kv_indices.numel() > _INT32_MAX:
+        reasons.append(f"the CSR indices hold {kv_indices.numel()} entries: their offsets overflow int32")
+    if batch * heads > _CUDA_GRID_Y_MAX:
+        reasons.append(f"batch * heads = {batch * heads} programs exceed the CUDA grid's {_CUDA_GRID_Y_MAX} along y")
+    return reasons
+
+
 def _triton_reasons(q, k, v) -> list[str]:
     reasons = []
     if q.device.type == "cpu" and triton_interpreter() and q.dtype == torch.bfloat16:
@@ -292,8 +358,8 @@ def _triton(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale)
     return block_sparse_attention_triton(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale)
 
 
-def _triton_supports(q, k, v, *_) -> list[str]:
-    return _triton_reasons(q, k, v)
+def _triton_supports(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale) -> list[str]:
+    return _triton_reasons(q, k, v) + _int32_reasons(q, k, v, key_padding_mask, kv_indices)
 
 
 def _triton_backward(*args):
@@ -302,8 +368,9 @@ def _triton_backward(*args):
     return block_sparse_attention_backward_triton(*args)
 
 
-def _triton_backward_supports(grad_out, grad_lse, q, k, v, *_) -> list[str]:
-    return _triton_reasons(q, k, v)
+def _triton_backward_supports(grad_out, grad_lse, q, k, v, out, lse, kv_counts, kv_indices, q_counts, q_indices,
+                              block_size, key_padding_mask, scale) -> list[str]:
+    return _triton_reasons(q, k, v) + _int32_reasons(q, k, v, key_padding_mask, kv_indices)
 
 
 _OP.register("reference", block_sparse_attention_reference)

@@ -12,7 +12,6 @@ import torch
 from qbert.ops import _checks
 from qbert.ops._cuda import tensor_supports
 from qbert.ops._registry import op
-from qbert.quant.int8 import INT8_GEMM_MAX_K
 
 NAME = "int8_gemm"
 _OP = op(NAME)
@@ -27,9 +26,7 @@ def check_operands(name: str, a: torch.Tensor, b: torch.Tensor, a_name: str = "a
         raise ValueError(f"{name}: K mismatch: {a_name} is {_checks.shape_str(a, 'MK')}, "
                          f"{b_name} is {_checks.shape_str(b, 'NK')}")
     _checks.check_nonempty_k(name, a_name, a)
-    if a.shape[-1] > INT8_GEMM_MAX_K:
-        raise ValueError(f"{name}: K={a.shape[-1]} exceeds {INT8_GEMM_MAX_K}, beyond which an int32 "
-                         "accumulator can overflow")
+    _checks.check_int8_gemm_k(name, a_name, a)
     _checks.check_contiguous(name, **{a_name: a, b_name: b})
     _checks.check_same_device(name, **{a_name: a, b_name: b})
 

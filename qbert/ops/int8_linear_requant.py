@@ -9,6 +9,9 @@ Math (the reference below is the specification):
     y          = act((float(x_q @ w_q.T) * x_scale[:, None]) * w_scale + bias)   (float32, as int8_linear
                                                                                   with out_dtype=float32)
     y_q, y_scale = quantize_per_token(y)      (y_scale[m] = max_n |y[m, n]| / 127, codes round half to even)
+A row of y holding a NaN or an infinity (a NaN x_scale, a NaN / infinite scale or bias, an overflow) gets
+y_scale NaN and codes 0 (quantize_per_token's rule); every other row is exactly as above. With N = 0 the
+result is y_q [..., 0] and y_scale 1 (an empty row counts as an all-zero one).
 Shapes: x_q int8 [..., K]; x_scale float32 [...]; w_q int8 [N, K]; w_scale float32 [N]; bias [N] (any
 float dtype) or None; activation "none" or "gelu" -> (y_q int8 [..., N], y_scale float32 [...]).
 All contiguous, on one device.
@@ -39,6 +42,8 @@ def int8_linear_requant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Ten
     ``(y_q int8 [..., N], y_scale float32 [...])``."""
     _check(x_q, x_scale, w_q, w_scale, bias, activation)
     lead = x_q.shape[:-1]
+    if w_q.shape[0] == 0:
+        return no_columns(x_q)
     y_q, y_scale = _OP(x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1), w_q, w_scale, bias, activation)
     return y_q.view(*lead, w_q.shape[0]), y_scale.view(lead)
 
@@ -50,7 +55,15 @@ def _(x_q, x_scale, w_q, w_scale, bias=None, activation="none"):
     return x_q.new_empty((*lead, w_q.shape[0])), x_q.new_empty(lead, dtype=torch.float32)
 
 
+def no_columns(x_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result for N = 0: ``(y_q int8 [..., 0], y_scale = 1 [...])``, as for an all-zero row."""
+    lead = x_q.shape[:-1]
+    return x_q.new_empty((*lead, 0)), torch.ones(lead, dtype=torch.float32, device=x_q.device)
+
+
 def int8_linear_requant_reference(x_q, x_scale, w_q, w_scale, bias, activation):
+    if w_q.shape[0] == 0:
+        return no_columns(x_q)
     return quantize_per_token_reference(
         apply_activation(int8_linear_float32(x_q, x_scale, w_q, w_scale, bias), activation))
 

@@ -1,8 +1,12 @@
 """quantize_per_token: symmetric int8 quantization of each row of the last dim.
 
-Math (the reference below is the specification):
-    scale[i] = max_k |x[i, k]| / 127          (float32; an all-zero row gets scale 1, codes 0)
+Math (the reference below is the specification), per row i of finite values:
+    scale[i] = max_k |x[i, k]| / 127          (float32; 1 where that is 0: an all-zero row, or one whose
+                                               max / 127 underflows to 0, gets scale 1 and codes 0)
     q[i, k]  = clamp(round_half_even(x[i, k] / scale[i]), -127, 127)   (x / scale in float32)
+A row holding a NaN or an infinity gets scale NaN and codes 0, so whatever dequantizes it (q * scale, the
+int8 GEMM epilogues) gives NaN for that token only; every other row is quantized as above. Every backend
+follows this rule, bit for bit.
 
 Shapes: x [..., K] float32 / float16 / bfloat16, contiguous, K >= 1 -> q int8 [..., K], scale float32 [...].
 The same function quantizes a weight [N, K] per output channel.
@@ -43,13 +47,17 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The specification, for x [M, K]; returns ``(q int8 [M, K], scale float32 [M])``."""
     xf = x.float()
+    finite = xf.isfinite().all(dim=-1)                                   # [M]
+    xf = xf.masked_fill(~finite[:, None], 0.0)  # a non-finite row quantizes as zeros, then gets scale NaN
     amax = xf.abs().amax(dim=-1)
     # Divide by a tensor, not the Python number: PyTorch's CUDA kernel turns division by a scalar into a
     # multiplication by its reciprocal, which can differ by an ulp; tensor division is IEEE on every device.
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, INT8_QMAX), torch.ones_like(amax))
+    scale = amax / torch.full_like(amax, INT8_QMAX)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(xf / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
-    return q, scale
+    return q, scale.masked_fill(~finite, float("nan"))
 
 
 def _cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

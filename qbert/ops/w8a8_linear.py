@@ -5,8 +5,11 @@ Math (the reference below is the specification): per-token int8 quantization of 
     out = int8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype=x.dtype)
 so it equals the two ops called in turn, exactly. One op instead of two halves the per-call dispatch cost,
 which is a measurable share of a small encoder's forward, and lets a backend keep x_q on chip.
-Shapes: x [..., K] float32 / float16 / bfloat16; w_q int8 [N, K]; w_scale float32 [N];
-bias [N] (any float dtype) or None -> out [..., N] in x.dtype. All contiguous, on one device.
+A token (row of x) holding a NaN or an infinity gets x_scale NaN (quantize_per_token's rule), so its
+whole output row is NaN; every other row is exactly as above.
+Shapes: x [..., K] float32 / float16 / bfloat16, 1 <= K <= INT8_GEMM_MAX_K (131071: beyond it the int32
+sums can overflow); w_q int8 [N, K]; w_scale float32 [N]; bias [N] (any float dtype) or None
+-> out [..., N] in x.dtype. All contiguous, on one device.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ _OP = op(NAME)
 
 def _check(x, w_q, w_scale, bias) -> None:
     _checks.check_float_linear(NAME, x, w_q, w_scale, bias)
+    _checks.check_int8_gemm_k(NAME, "x", x)
 
 
 @torch.library.custom_op("qbert::w8a8_linear", mutates_args=())

@@ -259,8 +259,32 @@ def test_triton_refusals_name_their_reason():
     reasons = supports(strided, strided, strided, *args[3:])
     assert reasons == [("the triton kernels need a unit stride along head_dim (q, k, v have another; "
                         ".contiguous() gives one)")]
-    grads = (strided, None, strided, strided, strided)
-    assert OPS[BACKWARD_NAME].rows["triton"].supports(*grads, *args[3:]) == reasons
+    lse = torch.zeros(1, 1, 16)
+    backward = (strided, None, strided, strided, strided, strided, lse, *args[3:5], *layout.csr_transposed("cpu"),
+                *args[5:])
+    assert OPS[BACKWARD_NAME].rows["triton"].supports(*backward) == reasons
+
+
+def _meta_strided(shape, strides, dtype=torch.float16):
+    return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("case", ["token-stride", "mask-stride", "grid"])
+def test_triton_refuses_sizes_that_overflow_its_int32_offsets(case):
+    # Shapes only (meta tensors, no memory): offsets within one (batch, head) past 2**31 - 1, and more
+    # (batch, head) programs than the CUDA grid's y axis holds.
+    batch, heads, seq = (70000, 1, 16) if case == "grid" else (1, 1, 4096)
+    stride = 2**20 if case == "token-stride" else 32
+    q = _meta_strided((batch, heads, seq, 32), (heads * seq * stride, seq * stride, stride, 1))
+    blocks = math.ceil(seq / 16)
+    counts = torch.zeros(1, blocks, dtype=torch.int32, device="meta")
+    indices = torch.zeros(1, blocks, blocks, dtype=torch.int32, device="meta")
+    kpm = _meta_strided((batch, seq), (seq * 2**20, 2**20), torch.bool) if case == "mask-stride" else None
+    reasons = OPS[NAME].rows["triton"].supports(q, q, q, counts, indices, 16, kpm, 0.1)
+    expected = {"token-stride": "q's tokens are 1048576 elements apart: offsets up to 4224 * 1048576",
+                "mask-stride": "key_padding_mask's tokens are 1048576 elements apart",
+                "grid": "batch * heads = 70000 programs exceed the CUDA grid's 65535 along y"}[case]
+    assert any(expected in r for r in reasons), reasons
 
 
 def _op_args(requires_grad, device="cpu"):
@@ -344,6 +368,46 @@ def test_op_errors(change, match):
     args.update(change)
     with pytest.raises((TypeError, ValueError), match=match):
         block_sparse_attention_op(**args)
+
+
+def _csr_args(**change):
+    q, k, v = _qkv(BATCH, HEADS, 40, 32, torch.float32, "cpu", 0)
+    layout = _layout(HEADS, 40, 16, 3)  # 3 x 3 blocks, head 0's first row empty
+    (kv_counts, kv_indices), (q_counts, q_indices) = layout.csr("cpu"), layout.csr_transposed("cpu")
+    args = {"q": q, "k": k, "v": v, "kv_counts": kv_counts.clone(), "kv_indices": kv_indices.clone(),
+            "q_counts": q_counts.clone(), "q_indices": q_indices.clone(), "block_size": 16,
+            "key_padding_mask": None, "scale": 0.1}
+    for name, (index, value) in change.items():
+        args[name][index] = value
+    return args
+
+
+# Values that would send a kernel out of bounds (a count past the row, an index outside [0, blocks), a
+# repeated block), and a transposed CSR that is not the layout's transpose (wrong dK / dV).
+CSR_CASES = {
+    "count-past-row": ({"kv_counts": ((1, 2), 4)}, r"kv_counts\[1, 2\] = 4 is outside \[0, blocks=3\]"),
+    "negative-count": ({"q_counts": ((0, 1), -1)}, r"q_counts\[0, 1\] = -1 is outside \[0, blocks=3\]"),
+    "index-past-end": ({"kv_indices": ((1, 0, 0), 3)}, r"kv_indices\[1, 0\] = \[3, .*\] is not a permutation"),
+    "negative-index": ({"q_indices": ((0, 2, 1), -5)},
+                       r"q_indices\[0, 2\] = .* is not a permutation of \[0, blocks=3\)"),
+    "repeated-block": ({"kv_indices": ((0, 1, 1), 0), "kv_counts": ((0, 1), 3)},
+                       r"kv_indices\[0, 1\] = .* is not a permutation"),
+    "not-the-transpose": ({"q_counts": ((1, 0), 0)}, "q_counts / q_indices must be the transpose of the layout"),
+}
+
+
+@pytest.mark.parametrize("change,match", CSR_CASES.values(), ids=CSR_CASES.keys())
+def test_csr_values_are_checked(change, match):
+    args = _csr_args(**change)
+    with pytest.raises(ValueError, match=f"{NAME}: {match}"):
+        block_sparse_attention_op(**args)
+    # The backward checks them too (its ops are called directly in the same way).
+    clean = _csr_args()
+    out, lse = block_sparse_attention_op(**clean)
+    layout_args = [args[n] for n in ("kv_counts", "kv_indices", "q_counts", "q_indices")]
+    with pytest.raises(ValueError, match=f"{BACKWARD_NAME}: {match}"):
+        torch.ops.qbert.block_sparse_attention_backward(out, None, clean["q"], clean["k"], clean["v"], out, lse,
+                                                        *layout_args, 16, None, 0.1)
 
 
 def test_backward_errors():

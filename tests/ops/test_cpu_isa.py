@@ -126,6 +126,26 @@ def test_quantize_per_token_exact(isa, shape, dtype):
     torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
 
 
+# K = 201: positions in the vector loops of the AVX-512 (4 x 16 lanes a step) and AVX2 (8 lanes) paths and
+# in both paths' tails (the last element).
+NONFINITE_K = 201
+NONFINITE_POSITIONS = (0, 63, 64, 150, NONFINITE_K - 1)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=_dtype_id)
+@pytest.mark.parametrize("value", (float("nan"), float("inf"), float("-inf")), ids=("nan", "+inf", "-inf"))
+def test_quantize_per_token_nonfinite_rows(isa, value, dtype):
+    # Exact: one row per position holds the value: scale NaN, codes 0; the finite last row as the reference.
+    x = _quantize_input(len(NONFINITE_POSITIONS) + 1, NONFINITE_K, dtype)
+    for row, position in enumerate(NONFINITE_POSITIONS):
+        x[row, position] = value
+    q, scale = torch.ops.qbert.quantize_per_token_cpu(x)
+    q_ref, scale_ref = quantize_per_token_reference(x)
+    assert scale[:-1].isnan().all() and not q[:-1].any() and scale[-1].isfinite()
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+
+
 @pytest.fixture
 def restore_threads():
     threads = torch.get_num_threads()
@@ -186,7 +206,26 @@ def test_auto_restores_the_best_isa():
      "int8_linear_cpu: out_dtype must be Float, Half or BFloat16"),
     (lambda: torch.ops.qbert.quantize_per_token_cpu(torch.zeros(2, 4, dtype=torch.float64)),
      "quantize_per_token_cpu: x must be Float, Half or BFloat16"),
-], ids=["gemm-dtype", "gemm-k-mismatch", "gemm-layout", "linear-x_scale-shape", "linear-out_dtype", "quant-dtype"])
+    (lambda: torch.ops.qbert.int8_gemm_cpu(torch.zeros(1, INT8_GEMM_MAX_K + 1, dtype=torch.int8),
+                                           torch.zeros(1, INT8_GEMM_MAX_K + 1, dtype=torch.int8)),
+     rf"int8_gemm_cpu: K must be in \[1, {INT8_GEMM_MAX_K}\] \(beyond it an int32 accumulator can overflow\)"),
+    (lambda: torch.ops.qbert.int8_linear_cpu(torch.zeros(1, INT8_GEMM_MAX_K + 1, dtype=torch.int8), torch.ones(1),
+                                             torch.zeros(1, INT8_GEMM_MAX_K + 1, dtype=torch.int8), torch.ones(1),
+                                             None, torch.float32),
+     rf"int8_linear_cpu: K must be in \[1, {INT8_GEMM_MAX_K}\]"),
+    (lambda: torch.ops.qbert.int8_linear_cpu(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2),
+                                             torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), torch.zeros(3, 1),
+                                             torch.float32),
+     r"int8_linear_cpu: bias must have shape \[N=3\]"),
+    (lambda: torch.ops.qbert.int8_linear_cpu(torch.zeros(2, 4, dtype=torch.int8), torch.ones(4)[::2],
+                                             torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), None, torch.float32),
+     "int8_linear_cpu: every tensor must be contiguous"),
+    (lambda: torch.ops.qbert.quantize_per_token_cpu(torch.zeros(2, 0)),
+     r"quantize_per_token_cpu: x must have K >= 1"),
+    (lambda: torch.ops.qbert.quantize_per_token_cpu(torch.zeros(8, 2).T),
+     "quantize_per_token_cpu: x must be contiguous"),
+], ids=["gemm-dtype", "gemm-k-mismatch", "gemm-layout", "linear-x_scale-shape", "linear-out_dtype", "quant-dtype",
+        "gemm-k-limit", "linear-k-limit", "linear-bias-shape", "linear-layout", "quant-empty-k", "quant-layout"])
 def test_cpp_checks_name_the_op_and_constraint(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()

@@ -47,6 +47,39 @@ def test_zero_row_gets_unit_scale():
     assert y_scale[2].item() == 1.0 and not y_q[2].any()
 
 
+NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+@pytest.mark.parametrize("device,backend", device_backends("int8_linear_requant"))
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("value", NONFINITE.values(), ids=NONFINITE.keys())
+def test_nonfinite_row_requantizes_to_nan_scale(device, backend, activation, value):
+    # Exact: a non-finite x_scale makes row 2's y non-finite: y_scale NaN, codes 0; the other rows are
+    # bit-identical to the all-finite result.
+    args = _operands(5, 40, 64, device, torch.float32)
+    with qbert.use_backend(backend):
+        clean_q, clean_scale = int8_linear_requant(*args, activation=activation)
+        args[1][2] = value
+        y_q, y_scale = int8_linear_requant(*args, activation=activation)
+    others = [0, 1, 3, 4]
+    assert y_scale[2].isnan() and not y_q[2].any()
+    assert torch.equal(y_q[others], clean_q[others]) and torch.equal(y_scale[others], clean_scale[others])
+
+
+@pytest.mark.parametrize("device,backend", device_backends("int8_linear_requant"))
+def test_no_output_columns(device, backend):
+    # N = 0 works as in int8_linear: y_q [M, 0], and y_scale 1 (an empty row counts as an all-zero one).
+    x_q, x_scale, _, _, _ = _operands(3, 1, 32, device, None)
+    w_q = torch.zeros(0, 32, dtype=torch.int8, device=device)
+    w_scale = torch.zeros(0, device=device)
+    with qbert.use_backend(backend):
+        y_q, y_scale = int8_linear_requant(x_q.view(1, 3, 32), x_scale.view(1, 3), w_q, w_scale)
+    assert y_q.shape == (1, 3, 0) and y_q.dtype == torch.int8
+    assert torch.equal(y_scale, torch.ones(1, 3, device=device))
+    ref_q, ref_scale = int8_linear_requant_reference(x_q, x_scale, w_q, w_scale, None, "none")
+    assert ref_q.shape == (3, 0) and torch.equal(ref_scale, torch.ones(3, device=device))
+
+
 def test_leading_dims():
     x_q, x_scale, w_q, w_scale, bias = _operands(6, 16, 32, "cpu", torch.float32)
     y_q, y_scale = int8_linear_requant(x_q.view(2, 3, 32), x_scale.view(2, 3), w_q, w_scale, bias, "gelu")

@@ -13,7 +13,7 @@ import torch
 
 from qbert import _ext
 from qbert.ops.lowbit_linear import lowbit_linear_reference
-from qbert.ops.w4a8_linear import W4A8_BITS, w4a8_linear_reference
+from qbert.ops.w4a8_linear import W4A8_BITS, W4A8_MAX_GROUP_K, w4a8_linear_reference
 from qbert.quant.lowbit import dequantize_lowbit
 from qbert.quant.packing import BITS_CHOICES, pack, unpack
 from tests._backends import assert_error_within
@@ -89,15 +89,25 @@ def test_w4a8_linear_cpu_exact(isa, case, bits, dtype):
     torch.testing.assert_close(out, w4a8_linear_reference(*args), rtol=0, atol=0)
 
 
-def test_w4a8_linear_cpu_wraps_like_the_reference(isa):
-    """Zero points outside the code range: u - zero wraps to int8 as the reference's .to(torch.int8)."""
+def test_w4a8_linear_cpu_refuses_zero_points_outside_the_code_range():
+    """u - zero must fit the int8 operand: a zero point above 2**bits - 1 is refused, not wrapped."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(5, 96, generator=g)
     w_packed = pack(torch.randint(0, 16, (40, 96), dtype=torch.uint8, generator=g), 4)
     scales = torch.rand(3, 40, generator=g)
-    zeros = torch.randint(0, 256, (3, 40), dtype=torch.uint8, generator=g)
-    args = (x, w_packed, scales, zeros, 4, 32, None)
-    torch.testing.assert_close(torch.ops.qbert.w4a8_linear_cpu(*args), w4a8_linear_reference(*args), rtol=0, atol=0)
+    zeros = torch.randint(0, 16, (3, 40), dtype=torch.uint8, generator=g)
+    zeros[2, 39] = 16
+    with pytest.raises(RuntimeError, match=r"w4a8_linear_cpu: zero points must be in \[0, 15\] for bits=4 \(u - "
+                                           r"zero must fit an int8 operand\), got a zero point of 16"):
+        torch.ops.qbert.w4a8_linear_cpu(x, w_packed, scales, zeros, 4, 32, None)
+
+
+def test_w4a8_linear_cpu_refuses_a_k_group_past_the_int32_limit():
+    k = W4A8_MAX_GROUP_K + 1
+    w_packed = torch.zeros(-(-k // 32) * 4, 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=f"w4a8_linear_cpu: a K group of min\\(group_size={k}, K={k}\\) "
+                                           f"elements exceeds {W4A8_MAX_GROUP_K}"):
+        torch.ops.qbert.w4a8_linear_cpu(torch.zeros(1, k), w_packed, torch.ones(1, 1), None, 4, k, None)
 
 
 @pytest.fixture

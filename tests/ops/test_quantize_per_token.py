@@ -41,6 +41,44 @@ def test_round_half_to_even(device, backend, dtype):
     assert q.tolist() == [[INT8_QMAX, 0, 2, 2, 0, -2, -2, 4]]
 
 
+NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+# K = 129 and positions in the first vector, in a long vector loop and in the tail of the row.
+NONFINITE_K = 129
+POSITIONS = (0, 70, 128)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("quantize_per_token"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("position", POSITIONS, ids=lambda p: f"at{p}")
+@pytest.mark.parametrize("value", NONFINITE.values(), ids=NONFINITE.keys())
+def test_nonfinite_row_gets_nan_scale_and_zero_codes(device, backend, dtype, position, value):
+    # Exact: row 2 of 5 holds a NaN or an infinity: scale NaN, codes 0 (so it dequantizes to NaN); the
+    # other rows are bit-identical to the all-finite result, and everything equals the reference.
+    g = torch.Generator().manual_seed(position)
+    x = (torch.randn(5, NONFINITE_K, generator=g) * 3).to(dtype).to(device)
+    with qbert.use_backend(backend):
+        q_clean, scale_clean = quantize_per_token(x)
+        x[2, position] = value
+        q, scale = quantize_per_token(x)
+    others = [0, 1, 3, 4]
+    assert torch.equal(q[others], q_clean[others]) and torch.equal(scale[others], scale_clean[others])
+    assert scale[2].isnan() and not q[2].any() and (q[2].float() * scale[2]).isnan().all()
+    q_ref, scale_ref = quantize_per_token_reference(x)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("quantize_per_token"))
+def test_row_whose_scale_underflows_gets_unit_scale_and_zero_codes(device, backend):
+    # float32 subnormals so small that amax / 127 rounds to 0: scale 1 and codes 0, as an all-zero row.
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-20
+    x = torch.tensor([[tiny, -tiny, 0.0, tiny / 2], [1.0, 2.0, 3.0, 127.0]], device=device)
+    assert (x[0].abs().amax() / 127).item() == 0
+    with qbert.use_backend(backend):
+        q, scale = quantize_per_token(x)
+    assert scale.tolist() == [1.0, 1.0] and q.tolist() == [[0, 0, 0, 0], [1, 2, 3, 127]]
+
+
 def test_zero_row_gives_finite_scale_and_zero_codes():
     q, scale = quantize_per_token(torch.zeros(3, 16))
     assert torch.equal(q, torch.zeros(3, 16, dtype=torch.int8))

@@ -4,6 +4,7 @@ import torch
 import qbert
 from qbert.ops import int8_linear, quantize_per_token, w8a8_linear
 from qbert.ops.w8a8_linear import w8a8_linear_reference
+from qbert.quant.int8 import INT8_GEMM_MAX_K
 from tests._backends import device_backends, int8_codes
 
 SHAPES = [(1, 1, 1), (7, 13, 129), (13, 257, 7), (128, 768, 768)]
@@ -32,6 +33,31 @@ def test_equals_quantize_then_int8_linear(device, backend, dtype, bias, m, n, k)
     assert out.dtype == dtype and out.shape == (m, n)
     torch.testing.assert_close(out, two_ops, rtol=0, atol=0)
     torch.testing.assert_close(out, w8a8_linear_reference(x, w_q, w_scale, b))
+
+
+NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+@pytest.mark.parametrize("device,backend", device_backends("w8a8_linear"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("value", NONFINITE.values(), ids=NONFINITE.keys())
+def test_nonfinite_token_gives_a_nan_row(device, backend, dtype, value):
+    # Exact: token 1 of 4 holds the value: its whole output row is NaN (x_scale NaN); the other rows are
+    # bit-identical to the all-finite result.
+    x, w_q, w_scale, b = _operands(4, 13, 129, dtype, device)
+    with qbert.use_backend(backend):
+        clean = w8a8_linear(x, w_q, w_scale, b)
+        x[1, 100] = value
+        out = w8a8_linear(x, w_q, w_scale, b)
+    assert out[1].isnan().all()
+    assert torch.equal(out[[0, 2, 3]], clean[[0, 2, 3]])
+
+
+def test_k_limit_is_checked():
+    # Past INT8_GEMM_MAX_K the int32 sums of the codes can overflow (K = 200000 did on every backend).
+    k = INT8_GEMM_MAX_K + 1
+    with pytest.raises(ValueError, match=f"w8a8_linear: K={k} exceeds {INT8_GEMM_MAX_K}, beyond which an int32"):
+        w8a8_linear(torch.ones(1, k), torch.ones(2, k, dtype=torch.int8), torch.ones(2))
 
 
 def test_leading_dims():

@@ -8,8 +8,9 @@
 //          (__fmul_rn / __fadd_rn: no FMA contraction, so y is bit-for-bit torch's f32 math);
 //          kGelu: y = y * 0.5 * (1 + erf(y / sqrt(2)))                   torch's exact-erf GELU
 //          out = y rounded to nearest even to f32 / f16 / bf16
-//   kS8:   y as above, then per row over ALL N columns: s = max|y| / 127 (1 for an all-zero row),
-//          q = clamp(rint(y / s), -127, 127) int8, out_scale[m] = s      (quantize_per_token's rule)
+//   kS8:   y as above, then per row over ALL N columns: s = max|y| / 127 (1 where that is 0, NaN for a
+//          row holding a NaN or an infinity), q = clamp(rint(y / s), -127, 127) int8 (0 for a NaN s),
+//          out_scale[m] = s        (quantize_per_token's rule, common/cuda_token_quant.cuh)
 //
 // kS8 needs a row's amax over every column tile before any of its tiles can be quantized. The n_tiles
 // tiles of a row block are run by n_tiles CTAs in the same iteration of the persistent loop (see
@@ -22,6 +23,7 @@
 #include <cstdint>
 
 #include "common/cuda_mma.cuh"
+#include "common/cuda_token_quant.cuh"
 
 namespace qbert::cuda::int8 {
 
@@ -105,7 +107,6 @@ namespace epi {
 // int32 (or f32 y), one 16 / 8 / 4-byte global store of int32-f32 / f16-bf16 / int8.
 constexpr int kVec = 4;
 constexpr float kSqrtHalf = 0.70710678118654752440f;  // 1 / sqrt(2): GELU's erf(y / sqrt(2)) as torch writes it
-constexpr float kInt8Max = 127.f;                     // quantize_per_token's clamp and scale divisor
 // The kS8 wait: peers run the same persistent iteration, so they arrive within about one tile's time
 // (microseconds). Each poll costs an L2 round trip plus the sleep (~0.1-0.3 us), so kMaxPolls of them
 // (seconds) mean a peer can never come (not co-resident: the plan's contract broke): trap with an
@@ -269,7 +270,7 @@ __device__ void epilogue_tile(int32_t* tile, int m0, int n0, int tile_n, int n_t
         if constexpr (kOut == OutKind::kS8) {
 #pragma unroll
           for (int i = 0; i < kVec; ++i)
-            if (n0 + tile_col(j) + i < p.N) amax = fmaxf(amax, fabsf(y[i]));
+            if (n0 + tile_col(j) + i < p.N) amax = fmaxf(amax, token::finite_abs(y[i]));
           *src = make_int4(__float_as_int(y[0]), __float_as_int(y[1]), __float_as_int(y[2]), __float_as_int(y[3]));
         } else if (row < p.M) {
           epi::Pack<T> out;
@@ -295,7 +296,7 @@ __device__ void epilogue_tile(int32_t* tile, int m0, int n0, int tile_n, int n_t
           for (int t = lane_in_row; t < n_tiles; t += L::kLanesPerRow)
             amax = fmaxf(amax, __ldcg(p.amax_partial + static_cast<size_t>(row) * n_tiles + t));
         amax = epi::group_max<L::kLanesPerRow>(amax);
-        const float s = amax > 0.f ? __fdiv_rn(amax, epi::kInt8Max) : 1.f;
+        const float s = token::scale_of(amax);
         if (row >= p.M) continue;  // uniform over the row's lanes, and no shuffles below
         if (tile_n == 0 && lane_in_row == 0) p.out_scale[row] = s;
 #pragma unroll
@@ -304,10 +305,7 @@ __device__ void epilogue_tile(int32_t* tile, int m0, int n0, int tile_n, int n_t
           const int32_t bits[kVec] = {v.x, v.y, v.z, v.w};
           epi::Pack<int8_t> q;
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) {
-            const float code = rintf(__fdiv_rn(__int_as_float(bits[i]), s));  // rint: half to even
-            q.v[i] = static_cast<int8_t>(fminf(fmaxf(code, -epi::kInt8Max), epi::kInt8Max));
-          }
+          for (int i = 0; i < kVec; ++i) q.v[i] = token::code_of(__int_as_float(bits[i]), s);
           epi::store_vec<int8_t>(p.out, p.N, row, n0 + tile_col(j), vector_ok, q);
         }
       }

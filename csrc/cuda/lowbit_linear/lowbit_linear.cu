@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "common/checks.h"
 #include "cuda/lowbit_linear/lowbit_linear_kernel.cuh"
 
@@ -15,6 +17,11 @@ namespace {
 
 // The mma paths copy 16-byte pieces of each x row: rows must start 16-byte aligned.
 constexpr int64_t kRowAlignBytes = kCpAsyncBytes;
+// W4A8: the most elements a K group may have (qbert/ops/w4a8_linear.py's W4A8_MAX_GROUP_K): |x_q| <= 127
+// and |u - zero| <= 2^4 - 1, so a group's int32 sum is exact while it has at most INT32_MAX / (127 * 15).
+constexpr int64_t kA8ActMax = 127;
+constexpr int64_t kA8CodeMax = 15;
+constexpr int64_t kA8MaxGroupK = INT32_MAX / (kA8ActMax * kA8CodeMax);
 
 int sm_count(int device) {
   int count = 0;
@@ -40,6 +47,8 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_packe
   QBERT_CHECK(K >= 1, op, "K must be >= 1, got x of shape ", x.sizes());
   QBERT_CHECK(group_size >= 1 && (group_size % kPackChunk == 0 || group_size >= K), op,
               "group_size must be a positive multiple of ", kPackChunk, ", or >= K=", K, ", got ", group_size);
+  QBERT_CHECK(!a8 || std::min(group_size, K) <= kA8MaxGroupK, op, "a K group of min(group_size=", group_size,
+              ", K=", K, ") elements exceeds ", kA8MaxGroupK, ", beyond which its int32 sum can overflow");
   QBERT_CHECK_DTYPE(w_packed, at::kInt, op);
   QBERT_CHECK_DIM(w_packed, 2, op);
   QBERT_CHECK(w_packed.size(0) == chunks * bits, op, "w_packed must have ceil(K/32)*bits = ", chunks * bits,

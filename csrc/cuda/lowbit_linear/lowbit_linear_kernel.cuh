@@ -27,6 +27,7 @@
 #include "common/cuda_mma.cuh"
 #include "common/cuda_reduce.cuh"
 #include "common/cuda_switch.cuh"
+#include "common/cuda_token_quant.cuh"
 #include "cuda/lowbit_linear/lowbit_unpack.cuh"
 
 namespace qbert::cuda::lowbit {
@@ -51,7 +52,6 @@ struct Params {
 
 __host__ __device__ constexpr int symmetric_zero(int bits) { return 1 << (bits - 1); }  // lowbit.implicit_zero
 constexpr int kWordsPerVector = 4;    // int32 words per 16-byte copy
-constexpr float kInt8Max = 127.f;     // quantize_per_token's clamp and scale divisor
 
 // ---- epilogue shared by every path -----------------------------------------------------------------
 
@@ -426,22 +426,19 @@ __global__ void __launch_bounds__(kSimtThreads) lowbit_simt_kernel(const Params 
 
 constexpr int kQuantThreads = 256;
 
-// One CTA per row: scale = max|x| / 127 (1 for an all-zero row), q = clamp(rint(x / scale), -127, 127)
-// with correctly rounded divisions and round half to even, exactly quantize_per_token's reference.
-// Writes x_q [M, lda_q] with zeros in columns K .. lda_q-1 (the padding the mma path reads).
+// One CTA per row, quantize_per_token's rule (common/cuda_token_quant.cuh): scale = max|x| / 127 (1 where
+// that is 0, NaN for a row holding a NaN or an infinity), q = clamp(rint(x / scale), -127, 127) (0 for a
+// NaN scale), with correctly rounded divisions and round half to even, exactly quantize_per_token's
+// reference. Writes x_q [M, lda_q] with zeros in columns K .. lda_q-1 (the padding the mma path reads).
 template <class T>
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const T* x, int K, int lda_q, int8_t* x_q,
                                                                      float* x_scale) {
   const T* row = x + static_cast<size_t>(blockIdx.x) * K;
   float amax = 0.f;
-  for (int k = threadIdx.x; k < K; k += kQuantThreads) amax = fmaxf(amax, fabsf(to_float(row[k])));
-  amax = block_max<kQuantThreads>(amax);
-  const float scale = amax > 0.f ? __fdiv_rn(amax, kInt8Max) : 1.f;
+  for (int k = threadIdx.x; k < K; k += kQuantThreads) amax = fmaxf(amax, token::finite_abs(to_float(row[k])));
+  const float scale = token::scale_of(block_max<kQuantThreads>(amax));
   int8_t* q = x_q + static_cast<size_t>(blockIdx.x) * lda_q;
-  for (int k = threadIdx.x; k < lda_q; k += kQuantThreads) {
-    const float v = k < K ? rintf(__fdiv_rn(to_float(row[k]), scale)) : 0.f;
-    q[k] = static_cast<int8_t>(fminf(fmaxf(v, -kInt8Max), kInt8Max));
-  }
+  for (int k = threadIdx.x; k < lda_q; k += kQuantThreads) q[k] = k < K ? token::code_of(to_float(row[k]), scale) : 0;
   if (threadIdx.x == 0) x_scale[blockIdx.x] = scale;
 }
 

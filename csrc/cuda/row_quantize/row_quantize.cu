@@ -16,6 +16,10 @@
 namespace qbert::cuda::row_quantize {
 namespace {
 
+// The eps the kernel accepts (qbert/ops/add_layernorm_quantize.py's EPS_MIN / EPS_MAX): normal f32 numbers.
+constexpr double kEpsMin = std::numeric_limits<float>::min();
+constexpr double kEpsMax = std::numeric_limits<float>::max();
+
 void check_x(const char* op, const at::Tensor& x) {
   QBERT_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got ", x.device());
   QBERT_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -45,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_quantize_cuda(const
   constexpr const char* op = "add_layernorm_quantize_cuda";
   check_x(op, x);
   check_layernorm_operands(op, x, residual, weight, bias);
-  QBERT_CHECK(eps > 0, op, "eps must be > 0, got ", eps);
+  QBERT_CHECK(eps >= kEpsMin && eps <= kEpsMax, op, "eps must be a normal float32 number in [", kEpsMin, ", ",
+              kEpsMax, "] (added to a float32 variance), got ", eps);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);

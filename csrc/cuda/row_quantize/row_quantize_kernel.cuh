@@ -3,17 +3,23 @@
 // and qbert/ops/quantize_per_token.py.
 //
 //   kNormalize (add_layernorm_quantize): h = x (+ residual, the f32 sum rounded to T: for f16 / bf16 that
-//     is the correctly rounded sum PyTorch's add gives, as f32's 24 bits >= 2p + 2); mean; variance as
-//     the mean of (h - mean)^2 (a second pass: no cancellation as in E[h^2] - mean^2);
-//     y = ((h - mean) * rstd) * w + b rounded to T and written; then the codes of that rounded y.
+//     is the correctly rounded sum PyTorch's add gives, as f32's 24 bits >= 2p + 2); in one pass max |h|
+//     (common/cuda_token_quant.cuh's finite_abs: +inf for a row holding a NaN or an infinity, which gives
+//     y = NaN, codes 0, scale NaN) and the sum of h in f64 (exact for a constant row: K copies of a 24-bit
+//     value need at most 24 + log2 K < 53 bits); a row with max |h| > kUnscaledMax is multiplied by a power
+//     of two c that brings it into [2, 4) (exact), and eps by c^2, so that its sum of squares cannot
+//     overflow; mean = f32(sum / K * c); the variance as the mean of (h - mean)^2 (a second pass: no
+//     cancellation as in E[h^2] - mean^2); y = ((h - mean) * rstd) * w + b rounded to T and written; then
+//     the codes of that rounded y.
 //   !kNormalize (quantize_per_token): the codes of x.
-//   Codes: scale = amax / 127 (1 for an all-zero row), q = clamp(rint(v / scale), +-127): bit-exact with
+//   Codes: quantize_per_token's rule (common/cuda_token_quant.cuh): scale = amax / 127 (1 where that is 0,
+//     NaN for a non-finite row), q = clamp(rint(v / scale), +-127) (0 for a NaN scale): bit-exact with
 //     quantize_per_token_reference, as both divisions are correctly rounded and rint rounds half to even.
 //
 // Every float operation is an explicit _rn intrinsic, so nvcc cannot contract or approximate any of them
 // (whatever -use_fast_math or -fmad say): the rounding sequence is the one written here on every arch.
 // rstd is 1 / sqrt(var + eps) with an IEEE sqrt and division, not rsqrtf (approximate). y agrees with
-// torch's layer_norm to f32 rounding, not bit for bit (torch reduces with Welford and uses rsqrtf).
+// the exact LayerNorm to f32 rounding, not bit for bit.
 //
 // Paths, chosen by K:
 //   warp  K <= 1024 (BERT rows are 768 / 1024): a warp per row holds the row in registers (32 values a
@@ -30,6 +36,7 @@
 
 #include "common/cuda_mma.cuh"
 #include "common/cuda_reduce.cuh"
+#include "common/cuda_token_quant.cuh"
 
 namespace qbert::cuda::row_quantize {
 
@@ -45,7 +52,6 @@ struct Params {
   float eps;
 };
 
-constexpr float kQmax = 127.f;            // qbert.quant.int8.INT8_QMAX: the clamp and the scale divisor
 constexpr int kVecBytes = 16;             // the widest load / store a thread issues (LDG.E.128)
 constexpr int kWarpRowElems = 32;         // row values a lane holds in registers on the warp path
 constexpr int kWarpRowMaxK = kWarpSize * kWarpRowElems;  // 1024
@@ -56,6 +62,11 @@ constexpr int kRowsPerBlock = 4;
 constexpr int kBlockThreads = 256;
 constexpr int kBlockWarps = kBlockThreads / kWarpSize;
 constexpr unsigned kFullMask = 0xffffffffu;
+// The largest max |h| normalized as it is: then |h - mean| <= 2^33, and K (2^33)^2 stays below f32's max
+// (2^128) for every K. Rows of larger values are scaled by a power of two first.
+constexpr float kUnscaledMax = 4294967296.f;  // 2^32
+constexpr unsigned kExponentMask = 0x7f800000u;  // f32's exponent field: v & it is 2^e for v = m 2^e
+constexpr float kScaledMin = 2.f;                 // a scaled row's max |h| lies in [2, 4)
 
 // N elements loaded or stored as one access: 16-byte aligned when that is the size, else naturally.
 template <class E, int N>
@@ -68,23 +79,39 @@ constexpr int vec_elems() { return kVectorized ? kVecBytes / static_cast<int>(si
 
 // ---- reductions (deterministic: a fixed tree; the xor butterfly leaves the same bits in every lane) ----
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = __fadd_rn(v, __shfl_xor_sync(kFullMask, v, offset));
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+template <class V>
+__device__ __forceinline__ V warp_sum(V v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = add_rn(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
 
-// The sum (kMax false) or max of v over the block, returned to every thread. `partial` is kBlockWarps
-// floats of shared memory. Contains barriers: every thread of the block must call it.
-template <bool kMax>
-__device__ __forceinline__ float block_allreduce(float v, float* partial) {
+// The sum (kMax false) or max (float only) of v over the block, returned to every thread. `partial` is
+// kBlockWarps values of shared memory. Contains barriers: every thread of the block must call it.
+template <bool kMax, class V>
+__device__ __forceinline__ V block_allreduce(V v, V* partial) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  v = kMax ? warp_max(v) : warp_sum(v);
+  if constexpr (kMax) v = warp_max(v);
+  else v = warp_sum(v);
   if (lane == 0) partial[warp] = v;
   __syncthreads();
   v = partial[0];
-  for (int w = 1; w < kBlockWarps; ++w) v = kMax ? fmaxf(v, partial[w]) : __fadd_rn(v, partial[w]);
+  for (int w = 1; w < kBlockWarps; ++w) {
+    if constexpr (kMax) v = fmaxf(v, partial[w]);
+    else v = add_rn(v, partial[w]);
+  }
   __syncthreads();  // the next call overwrites partial
   return v;
+}
+
+// The power of two c a row with max |h| = h_max = m 2^e (m in [1, 2)) is multiplied by: 1 for most rows
+// (see the top of the file), else 2 / 2^e, which brings h_max into [2, 4). c is a normal float for every
+// finite h_max (c >= 2^-126) and the division is exact, so multiplying by c is exact barring underflow.
+__device__ __forceinline__ float row_factor(float h_max) {
+  if (!token::finite_row(h_max) || !(h_max > kUnscaledMax)) return 1.f;
+  return __fdiv_rn(kScaledMin, __uint_as_float(__float_as_uint(h_max) & kExponentMask));
 }
 
 // ---- per-vector steps, shared by both paths (so both round identically) ----------------------------
@@ -109,14 +136,29 @@ __device__ __forceinline__ void load_h(const Params& p, size_t row, int i, float
   }
 }
 
-__device__ __forceinline__ float rstd_of(float sum_sq, int K, float eps) {
-  return __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(sum_sq, static_cast<float>(K)), eps)));
+// The row's mean from its f64 sum of unscaled h and its factor c: f32(sum / K * c) (c a power of two).
+__device__ __forceinline__ float mean_of(double sum, int K, float c) {
+  return __double2float_rn(__dmul_rn(__ddiv_rn(sum, static_cast<double>(K)), static_cast<double>(c)));
 }
 
-// y = ((h - mean) * rstd) * w + b, rounded to T and stored; h becomes that rounded y (what is quantized).
+// rstd = 1 / sqrt(var + eps). var + eps is 0 only for a constant row (h - mean = 0: the f64 mean is exact)
+// of scaled values whose scaled eps underflowed; any finite rstd then gives y = bias, as the reference.
+__device__ __forceinline__ float rstd_of(float sum_sq, int K, float eps) {
+  const float var_eps = __fadd_rn(__fdiv_rn(sum_sq, static_cast<float>(K)), eps);
+  return var_eps > 0.f ? __fdiv_rn(1.f, __fsqrt_rn(var_eps)) : 0.f;
+}
+
+template <int kVec>
+__device__ __forceinline__ void scale_by(float (&h)[kVec], float c) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) h[j] = __fmul_rn(h[j], c);
+}
+
+// y = ((h - mean) * rstd) * w + b (NaN for a non-finite row), rounded to T and stored; h becomes that
+// rounded y (what is quantized).
 template <class T, int kVec>
 __device__ __forceinline__ void normalize_store(const Params& p, size_t row, int i, float mean, float rstd,
-                                                float (&h)[kVec]) {
+                                                bool finite, float (&h)[kVec]) {
   const Pack<float, kVec> w = reinterpret_cast<const Pack<float, kVec>*>(p.weight)[i];
   Pack<float, kVec> b{};  // no bias: fma(n, w, 0) is n * w rounded once, as the reference's n * w
   if (p.bias != nullptr) b = reinterpret_cast<const Pack<float, kVec>*>(p.bias)[i];
@@ -124,22 +166,17 @@ __device__ __forceinline__ void normalize_store(const Params& p, size_t row, int
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     const float n = __fmul_rn(__fsub_rn(h[j], mean), rstd);
-    out.v[j] = from_float<T>(__fmaf_rn(n, w.v[j], b.v[j]));
+    out.v[j] = from_float<T>(finite ? __fmaf_rn(n, w.v[j], b.v[j]) : CUDART_NAN_F);
     h[j] = to_float(out.v[j]);
   }
   reinterpret_cast<Pack<T, kVec>*>(static_cast<T*>(p.y) + row)[i] = out;
 }
 
-__device__ __forceinline__ float scale_of(float amax) { return amax > 0.f ? __fdiv_rn(amax, kQmax) : 1.f; }
-
 template <int kVec>
 __device__ __forceinline__ void quantize_store(int8_t* q_row, int i, float scale, const float (&v)[kVec]) {
   Pack<int8_t, kVec> out;
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    // rint rounds half to even; the clamped value is integral, so the int8 conversion is exact.
-    out.v[j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(v[j], scale)), -kQmax), kQmax));
-  }
+  for (int j = 0; j < kVec; ++j) out.v[j] = token::code_of(v[j], scale);
   reinterpret_cast<Pack<int8_t, kVec>*>(q_row)[i] = out;
 }
 
@@ -159,12 +196,23 @@ __device__ __forceinline__ void warp_row(const Params& p, int row_index) {
     if (s * kWarpSize + lane < n_vecs) load_h<T, kResidual, kVec>(p, row, s * kWarpSize + lane, h[s]);
 
   if constexpr (kNormalize) {
-    float sum = 0.f;
+    float h_max = 0.f;  // unused slots are 0
+    double sum = 0.0;
 #pragma unroll
     for (int s = 0; s < kSlots; ++s)
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) sum = __fadd_rn(sum, h[s][j]);
-    const float mean = __fdiv_rn(warp_sum(sum), static_cast<float>(p.K));
+      for (int j = 0; j < kVec; ++j) {
+        h_max = fmaxf(h_max, token::finite_abs(h[s][j]));
+        sum = __dadd_rn(sum, static_cast<double>(h[s][j]));
+      }
+    h_max = warp_max(h_max);  // the same in every lane: the branches below are warp-uniform
+    const bool finite = token::finite_row(h_max);
+    const float c = row_factor(h_max);
+    const float mean = mean_of(warp_sum(sum), p.K, c);
+    if (c != 1.f) {
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) scale_by(h[s], c);
+    }
     float sum_sq = 0.f;
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
@@ -175,18 +223,19 @@ __device__ __forceinline__ void warp_row(const Params& p, int row_index) {
         sum_sq = __fmaf_rn(d, d, sum_sq);
       }
     }
-    const float rstd = rstd_of(warp_sum(sum_sq), p.K, p.eps);
+    const float rstd = rstd_of(warp_sum(sum_sq), p.K, __fmul_rn(__fmul_rn(p.eps, c), c));
 #pragma unroll
     for (int s = 0; s < kSlots; ++s)
-      if (s * kWarpSize + lane < n_vecs) normalize_store<T, kVec>(p, row, s * kWarpSize + lane, mean, rstd, h[s]);
+      if (s * kWarpSize + lane < n_vecs)
+        normalize_store<T, kVec>(p, row, s * kWarpSize + lane, mean, rstd, finite, h[s]);
   }
 
   float amax = 0.f;
 #pragma unroll
   for (int s = 0; s < kSlots; ++s)
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fabsf(h[s][j]));
-  const float scale = scale_of(warp_max(amax));
+    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, token::finite_abs(h[s][j]));
+  const float scale = token::scale_of(warp_max(amax));
 #pragma unroll
   for (int s = 0; s < kSlots; ++s)
     if (s * kWarpSize + lane < n_vecs) quantize_store<kVec>(p.q + row, s * kWarpSize + lane, scale, h[s]);
@@ -197,39 +246,52 @@ template <class T, bool kResidual, bool kNormalize, bool kVectorized>
 __device__ __forceinline__ void block_row(const Params& p, int row_index) {
   constexpr int kVec = vec_elems<T, kVectorized>();
   __shared__ float partial[kBlockWarps];
+  __shared__ double partial_f64[kBlockWarps];
   const size_t row = static_cast<size_t>(row_index) * p.K;
   const int n_vecs = p.K / kVec;
   float h[kVec];
 
-  float mean = 0.f, rstd = 0.f;
+  float mean = 0.f, rstd = 0.f, c = 1.f;
+  bool finite = true;
   if constexpr (kNormalize) {
-    float sum = 0.f;
+    float h_max = 0.f;
+    double sum = 0.0;
     for (int i = threadIdx.x; i < n_vecs; i += kBlockThreads) {
       load_h<T, kResidual, kVec>(p, row, i, h);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) sum = __fadd_rn(sum, h[j]);
+      for (int j = 0; j < kVec; ++j) {
+        h_max = fmaxf(h_max, token::finite_abs(h[j]));
+        sum = __dadd_rn(sum, static_cast<double>(h[j]));
+      }
     }
-    mean = __fdiv_rn(block_allreduce<false>(sum, partial), static_cast<float>(p.K));
+    h_max = block_allreduce<true>(h_max, partial);
+    finite = token::finite_row(h_max);
+    c = row_factor(h_max);
+    mean = mean_of(block_allreduce<false>(sum, partial_f64), p.K, c);
     float sum_sq = 0.f;
     for (int i = threadIdx.x; i < n_vecs; i += kBlockThreads) {
       load_h<T, kResidual, kVec>(p, row, i, h);
+      scale_by(h, c);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const float d = __fsub_rn(h[j], mean);
         sum_sq = __fmaf_rn(d, d, sum_sq);
       }
     }
-    rstd = rstd_of(block_allreduce<false>(sum_sq, partial), p.K, p.eps);
+    rstd = rstd_of(block_allreduce<false>(sum_sq, partial), p.K, __fmul_rn(__fmul_rn(p.eps, c), c));
   }
 
   float amax = 0.f;
   for (int i = threadIdx.x; i < n_vecs; i += kBlockThreads) {
     load_h<T, kResidual, kVec>(p, row, i, h);
-    if constexpr (kNormalize) normalize_store<T, kVec>(p, row, i, mean, rstd, h);
+    if constexpr (kNormalize) {
+      scale_by(h, c);
+      normalize_store<T, kVec>(p, row, i, mean, rstd, finite, h);
+    }
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fabsf(h[j]));
+    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, token::finite_abs(h[j]));
   }
-  const float scale = scale_of(block_allreduce<true>(amax, partial));
+  const float scale = token::scale_of(block_allreduce<true>(amax, partial));
   // What is quantized: the rounded y, which this thread itself wrote (same vectors i), or x.
   const T* src = static_cast<const T*>(kNormalize ? p.y : p.x) + row;
   for (int i = threadIdx.x; i < n_vecs; i += kBlockThreads) {
