@@ -123,20 +123,20 @@ def writable_dir(text: str) -> Path:
     return path
 
 
-def existing_file(text: str) -> Path:
-    """A file to read."""
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return path
+def _existing(exists: Callable[[Path], bool], what: str) -> Callable[[str], Path]:
+    """An argument type for a path to read that ``exists`` accepts; the error names ``what`` it must be."""
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if not exists(path):
+            raise argparse.ArgumentTypeError(f"{text}: no such {what}")
+        return path
+
+    return parse
 
 
-def existing_dir(text: str) -> Path:
-    """A directory to read."""
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: no such directory")
-    return path
+existing_file = _existing(Path.is_file, "file")
+existing_dir = _existing(Path.is_dir, "directory")
+existing_path = _existing(Path.exists, "file or directory")
 
 
 def device(text: str):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from qbert import ray as qbert_ray
-from qbert.cli import UsageError, existing_dir, positive_int, writable_dir
+from qbert.cli import UsageError, existing_dir, existing_path, positive_int, writable_dir
 from qbert.io import QuantizedFileError
 
 # --input-format -> the Ray Data reader; a file's suffix picks one when the option is not given.
@@ -35,14 +35,6 @@ every node. Embeddings: the mean of the last hidden state over the attention mas
 sentence-transformers computes them for all-MiniLM-L6-v2). --address: the Ray cluster to join (default:
 RAY_ADDRESS, else a new local instance).
 """
-
-
-def existing_path(text: str) -> Path:
-    """A file or directory to read."""
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
-    return path
 
 
 def empty_output_dir(text: str) -> Path:
