@@ -105,8 +105,9 @@ def _add_norm(module: nn.Module, fused: bool, x: torch.Tensor | None, codes: Cod
 
 
 class FusedSelfAttention:
-    """Mixed into the family's ``*SelfAttention``: Q, K and V from the input's codes when all three are
-    w8a8 (one quantization shared by the three GEMMs), then the model's attention implementation."""
+    """Mixed into the family's ``*SelfAttention``: Q, K and V from the input's codes when the layer passes
+    them (all three w8a8: one quantization shared by the three GEMMs), else from the float input; then the
+    model's attention implementation."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache=None, *, codes: Codes | None = None, **kwargs):
@@ -115,8 +116,7 @@ class FusedSelfAttention:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
         projections = (self.query, self.key, self.value)
-        if self.qbert_fused_qkv:
-            codes = _codes(hidden_states, codes)
+        if codes is not None:
             q, k, v = (_project(dense, codes, hidden_states.dtype) for dense in projections)
         else:
             q, k, v = (dense(hidden_states) for dense in projections)
@@ -139,6 +139,7 @@ class FusedLayer:
                 codes: Codes | None = None, **kwargs):
         pieces = self.qbert_pieces
         attention = self.attention
+        codes = _codes(hidden_states, codes) if pieces.qkv else None
         context, _ = attention.self(hidden_states, attention_mask, cache=cache, codes=codes, **kwargs)
         a, a_codes = _add_norm(attention.output, pieces.attention_output, context, None, hidden_states)
         if pieces.intermediate:
@@ -222,7 +223,6 @@ def fuse(model: nn.Module) -> tuple[str, ...]:
         for layer_name, layer in layers:
             attention = layer.attention.self
             layer.qbert_pieces = _pieces(layer)
-            attention.qbert_fused_qkv = layer.qbert_pieces.qkv
             attention.qbert_eager_attention = _eager_attention(attention)
             _refine(attention, FusedSelfAttention)
             _refine(layer, FusedLayer)
