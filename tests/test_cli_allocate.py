@@ -7,23 +7,27 @@ import json
 import string
 
 import pytest
+import torch
 import transformers
 
 import qbert
 from qbert import cli
 from qbert.allocate import Plan
-from qbert.nn import QLinear, linear_format
+from qbert.allocate.calibration import input_batches, load_model
+from qbert.nn import QLinear, Rounding, linear_format
 from tests.nn import _tiny_models as T
 from tests.test_cli_errors import assert_user_error
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["".join(p) for p in itertools.product(string.ascii_lowercase, repeat=2)][: T.VOCAB - len(SPECIAL)]
 EXAMPLES = 8
+BATCH_OPTIONS = ["--batch-size", "4", "--max-batches", "2", "--max-length", "16"]
+FFN_UP = "bert.encoder.layer.0.intermediate.dense"
 
 
-def _save(tmp_path, class_name):
+def _save(tmp_path, class_name, model=None):
     directory = tmp_path / class_name
-    T.build(class_name).save_pretrained(directory)
+    (T.build(class_name) if model is None else model).save_pretrained(directory)
     vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
     transformers.BertTokenizer(vocab=vocab).save_pretrained(directory)
     return directory
@@ -153,4 +157,81 @@ def test_quantize_reports_a_plan_for_another_model(classifier, tmp_path, capsys)
     Plan({"encoder.layer.99.output.dense": linear_format("w8a16")}, {}).save(plan)
     args = ["quantize", "--model", str(model_dir), "--plan", str(plan), "--out", str(tmp_path / "q")]
     assert_user_error(args, capsys, r"--plan .*other.json does not fit --model .*: .*'encoder.layer.99.output.dense'")
+    assert not (tmp_path / "q").exists()
+
+
+def _logits_error(model, reference, batches) -> float:
+    """Sum over the batches of ||logits - reference logits||^2."""
+    with torch.no_grad():
+        return sum((model(**b).logits - reference(**b).logits).double().pow(2).sum().item() for b in batches)
+
+
+def test_allocate_for_gptq_then_quantize_with_data(classifier, tmp_path, capsys):
+    model_dir, data = classifier
+    plan_path = tmp_path / "plan.json"
+    args = ["allocate", "--model", str(model_dir), "--data", str(data), "--budget", "3bits", "--rounding", "gptq",
+            "--out", str(plan_path), "--probes", "2", "--joint", "--no-plot", *BATCH_OPTIONS]
+    assert cli.main(args) == 0
+    plan = Plan.load(plan_path)
+    assert plan.meta["rounding"] == "gptq" and plan.meta["bits_per_weight"] <= 3
+    assert plan.rounding == dict.fromkeys(plan.layers, Rounding("gptq")) and len(plan.layers) == 6 * T.LAYERS + 1
+    capsys.readouterr()
+
+    out_dir = tmp_path / "quantized"
+    args = ["quantize", "--model", str(model_dir), "--plan", str(plan_path), "--out", str(out_dir),
+            "--data", str(data), *BATCH_OPTIONS]
+    assert cli.main(args) == 0
+    assert "written:" in capsys.readouterr().out
+    model = qbert.load_quantized(out_dir / "model.safetensors")
+    assert {n: m.format for n, m in model.named_modules() if isinstance(m, QLinear)} == plan.layers
+    # Against the same formats rounded to nearest, on the calibration inputs GPTQ saw.
+    batches = input_batches(model_dir, data, batch_size=4, max_length=16, max_batches=2)
+    reference = load_model(model_dir)
+    nearest = qbert.quantize(load_model(model_dir), Plan(plan.layers))
+    with torch.no_grad():
+        assert all(torch.isfinite(model(**b).logits).all() for b in batches)
+    assert _logits_error(model, reference, batches) < _logits_error(nearest, reference, batches)
+
+
+def test_allocate_for_nearest_records_it(classifier, tmp_path):
+    model_dir, data = classifier
+    plan_path = tmp_path / "plan.json"
+    args = ["allocate", "--model", str(model_dir), "--data", str(data), "--budget", "3bits", "--out", str(plan_path),
+            "--probes", "2", "--joint", "--no-plot", *BATCH_OPTIONS]
+    assert cli.main(args) == 0
+    plan = Plan.load(plan_path)
+    assert plan.meta["rounding"] == "nearest" and plan.rounding == {}
+
+
+@pytest.mark.parametrize("rounding,extra,match", [
+    ("gptq", [], rf"--plan .*plan.json names GPTQ rounding for {FFN_UP}; GPTQ needs calibration inputs: pass --data"),
+    ("nearest", ["--data", "DATA"], r"--data is only used by GPTQ rounding, and --plan .*plan.json names none"),
+    ("nearest", ["--batch-size", "4", "--max-length", "16"],
+     r"--batch-size, --max-length shape the --data batches; without --data nothing uses them"),
+], ids=["gptq-without-data", "data-without-gptq", "batch-options-without-data"])
+def test_quantize_data_goes_with_gptq(classifier, tmp_path, capsys, rounding, extra, match):
+    model_dir, data = classifier
+    plan = tmp_path / "plan.json"
+    Plan({FFN_UP: linear_format("w4a16")}, {},
+         rounding={FFN_UP: Rounding("gptq")} if rounding == "gptq" else {}).save(plan)
+    args = ["quantize", "--model", str(model_dir), "--plan", str(plan), "--out", str(tmp_path / "q"),
+            *[str(data) if a == "DATA" else a for a in extra]]
+    assert_user_error(args, capsys, match)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_reports_inputs_gptq_cannot_use(classifier, tmp_path, capsys):
+    """A LayerNorm with zero weight and bias feeds the FFN zeros: GPTQError, one line naming the layer."""
+    _, data = classifier
+    model = T.build("BertForSequenceClassification")
+    with torch.no_grad():
+        norm = model.bert.encoder.layer[0].attention.output.LayerNorm
+        norm.weight.zero_()
+        norm.bias.zero_()
+    model_dir = _save(tmp_path, "BertForSequenceClassification", model)
+    plan = tmp_path / "plan.json"
+    Plan({FFN_UP: linear_format("w4a16")}, {}, rounding={FFN_UP: Rounding("gptq")}).save(plan)
+    args = ["quantize", "--model", str(model_dir), "--plan", str(plan), "--out", str(tmp_path / "q"),
+            "--data", str(data), *BATCH_OPTIONS]
+    assert_user_error(args, capsys, rf"gptq: {FFN_UP}: every calibration input of this layer is zero")
     assert not (tmp_path / "q").exists()

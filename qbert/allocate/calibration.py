@@ -14,8 +14,12 @@ Loss (the model's own ``.loss``):
     ``num_labels > 1``); every example needs an integer ``"label"``, in ``0 .. num_labels - 1`` where the
     loss indexes the logits with it (``label_classes``).
   * masked LM: the MLM loss. In each sequence ``MLM_PROBABILITY`` of the real tokens (not padding nor
-    special tokens other than the unknown-word token), at least one, are replaced by the mask token and predicted; the positions are drawn once from
-    a seeded generator, so the loss is a fixed function of the weights.
+    special tokens other than the unknown-word token), at least one, are replaced by the mask token and
+    predicted; the positions are drawn once from a seeded generator, so the loss is a fixed function of the
+    weights.
+
+Model inputs only (task ``INPUTS``, ``input_batches``): the same tokenized batches without labels nor
+masks, e.g. GPTQ's calibration inputs (``qbert quantize --data``); labels in the examples are ignored.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 MLM_PROBABILITY = 0.15
 IGNORE_INDEX = -100  # the label Hugging Face's losses skip
 TASKS = {"ForSequenceClassification": "classification", "ForMaskedLM": "mlm"}
+INPUTS = "inputs"  # make_batches' task for batches of model inputs only (no loss)
 # The shortest truncation that keeps any text: a BERT-family tokenizer adds two special tokens around one
 # sequence ([CLS] ... [SEP], <s> ... </s>), so one token of text needs three. make_batches also checks the
 # tokenizer's own count (a pair has more): at or below it a tokenizer cannot truncate and keeps no text.
@@ -137,11 +142,19 @@ def _class_labels(chunk: list[dict], first: int, num_labels: int | None) -> torc
 
 
 def make_batches(examples: list[dict], tokenizer, task: str, *, batch_size: int, max_length: int,
-                 max_batches: int | None, seed: int, num_labels: int | None) -> list[dict]:
-    """Tokenized batches (dicts of tensors with ``labels``) of the first examples (module docstring).
+                 max_batches: int | None, seed: int | None, num_labels: int | None) -> list[dict]:
+    """Tokenized batches (dicts of tensors; with ``labels`` unless ``task`` is ``INPUTS``) of the first
+    examples (module docstring).
 
-    ``num_labels``: the classes a classification label indexes (``label_classes(model)``); None accepts
-    any integer label (regression, multi-label) and is what masked LM passes."""
+    task: ``"classification"``, ``"mlm"`` or ``INPUTS``. seed: the masks' (masked LM; the other tasks draw
+    nothing and may pass None). ``num_labels``: the classes a classification label indexes
+    (``label_classes(model)``); None accepts any integer label (regression, multi-label) and is what the
+    other tasks pass."""
+    tasks = (*TASKS.values(), INPUTS)
+    if task not in tasks:
+        raise CalibrationError(f"task must be one of {', '.join(tasks)}, got {task!r}")
+    if task == "mlm" and seed is None:
+        raise CalibrationError("masked LM needs a seed for its masks, got seed=None")
     if batch_size < 1 or max_length < MIN_MAX_LENGTH or (max_batches is not None and max_batches < 1):
         raise CalibrationError(f"need batch_size >= 1, max_length >= {MIN_MAX_LENGTH} and max_batches >= 1, "
                                f"got {batch_size}, {max_length}, {max_batches}")
@@ -152,7 +165,7 @@ def make_batches(examples: list[dict], tokenizer, task: str, *, batch_size: int,
     if max_length <= special:
         raise CalibrationError(f"max_length {max_length} leaves no token of text: {type(tokenizer).__name__} adds "
                                f"{special} special tokens to {'a text pair' if pair else 'a text'}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if task == "mlm" else None
     starts = range(0, len(examples), batch_size)
     batches = []
     for start in starts if max_batches is None else starts[:max_batches]:
@@ -162,7 +175,7 @@ def make_batches(examples: list[dict], tokenizer, task: str, *, batch_size: int,
                                truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
         if task == "classification":
             batch["labels"] = _class_labels(chunk, start, num_labels)
-        else:
+        elif task == "mlm":
             batch = _mask_tokens(batch, tokenizer, generator, start)
         batches.append(batch)
     return batches
@@ -189,3 +202,18 @@ def calibration(model_dir: str | os.PathLike, data: str | os.PathLike, *, batch_
     except CalibrationError as exc:
         raise CalibrationError(f"{data}: {exc}") from exc
     return model, batches, model_loss
+
+
+def input_batches(model_dir: str | os.PathLike, data: str | os.PathLike, *, batch_size: int, max_length: int,
+                  max_batches: int | None) -> list[dict]:
+    """Batches of model inputs only (``make_batches`` with task ``INPUTS``) of ``data``, tokenized by the
+    tokenizer saved in ``model_dir`` (the model is not loaded); a ``CalibrationError`` names ``data``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = read_examples(data)
+    try:
+        return make_batches(examples, tokenizer, INPUTS, batch_size=batch_size, max_length=max_length,
+                            max_batches=max_batches, seed=None, num_labels=None)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{data}: {exc}") from exc

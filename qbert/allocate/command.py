@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,13 @@ import torch
 
 from qbert.allocate.allocator import METHODS, RANK_METHODS, allocate
 from qbert.allocate.budget import BITS_PER_BYTE, MB, Budget, parse_budget
-from qbert.allocate.calibration import MIN_MAX_LENGTH, CalibrationError, calibration, load_model
+from qbert.allocate.calibration import (
+    MIN_MAX_LENGTH,
+    CalibrationError,
+    calibration,
+    input_batches,
+    load_model,
+)
 from qbert.allocate.layers import default_ties, quantizable_modules
 from qbert.allocate.plan import Plan, PlanError
 from qbert.allocate.solvers import AllocationError
@@ -28,6 +35,9 @@ from qbert.cli import (
     writable_dir,
     writable_file,
 )
+from qbert.nn.gptq import GPTQ, Rounding
+from qbert.nn.gptq import METHODS as ROUNDINGS
+from qbert.quant.gptq import GPTQError
 
 DEFAULT_FORMATS = "w2a16,w3a16,w4a16,w8a16"
 SENSITIVITY_METHODS = ("trace", "eigen")
@@ -37,6 +47,8 @@ QUANTIZED_FILE = "model.safetensors"
 REL_TOL = finite_float(0.0, 1.0, open_low=True, open_high=True)
 SEED = int_in_range(0, 2**64 - 1)  # torch.Generator.manual_seed takes a 64-bit seed
 MAX_LENGTH = int_in_range(MIN_MAX_LENGTH)
+DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_BATCHES = 8, 128, 4
+BATCH_OPTIONS = ("batch_size", "max_length", "max_batches")
 _SCALAR_LABEL = {"trace": "Tr(H) / n (Hutchinson)", "eigen": "Q-BERT Omega = |mean lambda| + std lambda"}
 
 ALLOCATE_HELP = f"""\
@@ -56,9 +68,27 @@ Choose a format per linear layer from Hessian sensitivities and write a qbert pl
   layers gets the higher of exactly two --formats) take no budget.
 --formats: candidate modes (default {DEFAULT_FORMATS}: 2/3/4-bit asymmetric K-groups of 128, int8
   per channel); --group-size, --row-groups (Q-BERT row groups), --symmetric override them all.
+--rounding nearest (default) rates every format by its round-to-nearest error, as above. --rounding gptq
+  plans for GPTQ rounding (qbert.quant.gptq): each Omega_i(b) is scaled by r_i(b) = e_i(GPTQ) / e_i(nearest),
+  e_i the layer-output error tr(dW Hx_i dW^T)/2 under the input Hessian Hx_i = 2 X^T X / T of the layer's
+  inputs X on the calibration examples (float model, labels and MLM masks left out), so a format that GPTQ
+  rounds well costs less (r = 1 where nearest's error is 0). The plan names GPTQ for every allocated layer;
+  qbert quantize then needs --data (the same file and batch options give the same inputs). rank / reverse
+  rank by the scalar sensitivity, which rounding does not change: with them only the plan's rounding differs.
 Allocated layers: those qbert.quantize swaps by default (task heads stay float); Q, K and V of each
 attention block share a format unless --no-ties. The plot (--plot, default OUT with .png) shows the
 sensitivity per layer, coloured by the chosen format.
+"""
+
+
+QUANTIZE_HELP = f"""\
+Apply a plan (qbert allocate) to a save_pretrained model and write qbert.save_quantized output to
+OUT/{QUANTIZED_FILE}; prints the size table.
+
+A plan that names GPTQ rounding (qbert allocate --rounding gptq) needs calibration inputs: --data, a .jsonl
+or text file as for qbert allocate (labels are not needed, and ignored), tokenized by the model's tokenizer
+into the first --max-batches batches of --batch-size examples of at most --max-length tokens (defaults
+{DEFAULT_MAX_BATCHES}, {DEFAULT_BATCH_SIZE}, {DEFAULT_MAX_LENGTH}). A plan without GPTQ takes no --data.
 """
 
 
@@ -83,10 +113,9 @@ def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, help="K values per range for every format (-1: per channel)")
     parser.add_argument("--row-groups", type=int, help="Q-BERT row groups for every format")
     parser.add_argument("--symmetric", action="store_true", help="symmetric codes for every format")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default 8)")
-    parser.add_argument("--max-length", type=MAX_LENGTH, default=128,
-                        help=f"tokens per example at most, >= {MIN_MAX_LENGTH} (default 128)")
-    parser.add_argument("--max-batches", type=positive_int, default=4, help="calibration batches (default 4)")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                        help="the rounding the plan is made for and names (default nearest)")
+    _add_batch_arguments(parser, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_BATCHES)
     parser.add_argument("--probes", type=positive_int, default=32, help="trace: Hutchinson probes (default 32)")
     parser.add_argument("--joint", action="store_true",
                         help="trace: one probe and one double backward for all layers at once (faster, noisier)")
@@ -104,12 +133,27 @@ def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the Hessian products run (default cuda when available, else cpu)")
 
 
+def _add_batch_arguments(parser: argparse.ArgumentParser, batch_size: int | None, max_length: int | None,
+                         max_batches: int | None) -> None:
+    """--batch-size, --max-length, --max-batches with these defaults (quantize's None: not given; the
+    defaults shown then apply with --data)."""
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help=f"examples per batch (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--max-length", type=MAX_LENGTH, default=max_length,
+                        help=f"tokens per example at most, >= {MIN_MAX_LENGTH} (default {DEFAULT_MAX_LENGTH})")
+    parser.add_argument("--max-batches", type=positive_int, default=max_batches,
+                        help=f"calibration batches (default {DEFAULT_MAX_BATCHES})")
+
+
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (f"Apply a plan (qbert allocate) to a save_pretrained model and write "
-                          f"qbert.save_quantized output to OUT/{QUANTIZED_FILE}; prints the size table.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = QUANTIZE_HELP
     parser.add_argument("--model", required=True, type=existing_dir, help="save_pretrained model directory")
     parser.add_argument("--plan", required=True, type=existing_file, help="plan file (JSON)")
     parser.add_argument("--out", required=True, type=writable_dir, help=f"output directory (gets {QUANTIZED_FILE})")
+    parser.add_argument("--data", type=existing_file,
+                        help="GPTQ calibration examples (.jsonl or text); needed by a plan naming GPTQ rounding")
+    _add_batch_arguments(parser, None, None, None)
 
 
 def _formats(args: argparse.Namespace) -> list:
@@ -134,24 +178,26 @@ def _reading(what: str) -> Iterator[None]:
         raise UsageError(f"cannot read {what}: {exc}") from exc
 
 
-def _sensitivity(args, model, names, batches, loss_fn, formats) -> tuple[dict, dict, dict]:
-    """(per-format Omega, scalar per layer, extra meta) for --method."""
+def _sensitivity(args, model, names, batches, loss_fn, formats, inputs) -> tuple[dict, dict, dict]:
+    """(per-format Omega, scalar per layer, extra meta) for --method; ``inputs``: the GPTQ calibration
+    batches (model inputs) with --rounding gptq, else None."""
     from qbert import hessian
 
+    rounding = {"rounding": args.rounding, "calibration": inputs}
     if args.method == "trace":
         traces = hessian.hutchinson_traces(model, names, batches, loss_fn, probes=args.probes, joint=args.joint,
                                            seed=args.seed)
         weights = hessian.module_weights(model, names)
         scalar = {n: t.mean / weights[n].numel() for n, t in traces.items()}
         extra = {"traces": {n: {"mean": t.mean, "stderr": t.stderr, "probes": t.probes} for n, t in traces.items()}}
-        return hessian.hawq_sensitivity(model, traces, formats), scalar, extra
+        return hessian.hawq_sensitivity(model, traces, formats, **rounding), scalar, extra
     if not 1 <= args.subsets <= len(batches):
         raise AllocationError(f"--subsets {args.subsets} needs between 1 and the {len(batches)} calibration batches")
     per = len(batches) // args.subsets
     subsets = [batches[i * per:(i + 1) * per] for i in range(args.subsets)]
     omega = hessian.qbert_sensitivity(model, names, subsets, loss_fn, max_iter=args.max_iter, rel_tol=args.rel_tol,
                                       seed=args.seed)
-    return hessian.eigen_sensitivity(model, omega, formats), omega, {"subsets": args.subsets}
+    return hessian.eigen_sensitivity(model, omega, formats, **rounding), omega, {"subsets": args.subsets}
 
 
 def plot_allocation(plan: Plan, scalar: dict[str, float], label: str, path: str | os.PathLike) -> None:
@@ -205,18 +251,25 @@ def run_allocate(args: argparse.Namespace) -> int:
         model, batches, loss_fn = calibration(args.model, args.data, batch_size=args.batch_size,
                                               max_length=args.max_length, max_batches=args.max_batches,
                                               seed=args.seed)
+        # GPTQ's inputs: the same examples and batches without labels or MLM masks, as qbert quantize --data
+        # makes them from the same options.
+        inputs = (input_batches(args.model, args.data, batch_size=args.batch_size, max_length=args.max_length,
+                                max_batches=args.max_batches) if args.rounding == GPTQ else None)
     model.to(args.device)
     names = quantizable_modules(model)
     ties = [] if args.no_ties else [t for t in default_ties(model) if all(n in names for n in t)]
     if budget is not None:  # a budget below the smallest achievable size fails here, before the Hessian work
         allocate(model, {n: dict.fromkeys(formats, 0.0) for n in names}, budget, ties=ties, method=args.solver)
-    sensitivity, scalar, extra = _sensitivity(args, model, names, batches, loss_fn, formats)
+    sensitivity, scalar, extra = _sensitivity(args, model, names, batches, loss_fn, formats, inputs)
     plan = allocate(model, sensitivity, budget, ties=ties, method=args.solver,
                     scores=scalar if args.solver in RANK_METHODS else None)
-    plan = Plan(plan.layers, {**plan.meta, "sensitivity_method": args.method, "scalar_sensitivity": scalar, **extra,
+    rounding = dict.fromkeys(plan.layers, Rounding(GPTQ)) if args.rounding == GPTQ else {}
+    plan = Plan(plan.layers, {**plan.meta, "sensitivity_method": args.method, "rounding": args.rounding,
+                              "scalar_sensitivity": scalar, **extra,
                               "model": os.fspath(args.model), "data": os.fspath(args.data),
                               "calibration": {"batches": len(batches), "batch_size": args.batch_size,
-                                              "max_length": args.max_length, "seed": args.seed}})
+                                              "max_length": args.max_length, "seed": args.seed}},
+                rounding=rounding)
     plan.save(args.out)
     print(_report(plan, scalar))
     print(f"plan: {args.out}")
@@ -242,14 +295,43 @@ def size_table(model) -> str:
     return "\n".join(lines)
 
 
+def _calibration_inputs(args: argparse.Namespace, plan: Plan) -> list[dict] | None:
+    """GPTQ's calibration batches from --data when the plan names GPTQ rounding, else None; --data without
+    GPTQ, or GPTQ without --data, is a usage error."""
+    gptq_layers = [name for name, rounding in plan.rounding.items() if rounding.method == GPTQ]
+    given = [f"--{option.replace('_', '-')}" for option in BATCH_OPTIONS if getattr(args, option) is not None]
+    if gptq_layers and args.data is None:
+        more = f" and {len(gptq_layers) - 1} more layers" if len(gptq_layers) > 1 else ""
+        raise UsageError(f"--plan {args.plan} names GPTQ rounding for {gptq_layers[0]}{more}; GPTQ needs "
+                         f"calibration inputs: pass --data FILE (.jsonl or text, e.g. the examples the plan was "
+                         f"allocated on)")
+    if not gptq_layers and args.data is not None:
+        raise UsageError(f"--data is only used by GPTQ rounding, and --plan {args.plan} names none (every layer "
+                         f"rounds to nearest); leave --data out")
+    if args.data is None and given:
+        raise UsageError(f"{', '.join(given)} shape the --data batches; without --data nothing uses them")
+    if args.data is None:
+        return None
+    with _reading(f"--model {args.model} / --data {args.data}"):
+        return input_batches(args.model, args.data,
+                             batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
+                             max_length=DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length,
+                             max_batches=DEFAULT_MAX_BATCHES if args.max_batches is None else args.max_batches)
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     import qbert
 
-    with _reading(f"--plan {args.plan} / --model {args.model}"):
+    with _reading(f"--plan {args.plan}"):
         plan = Plan.load(args.plan)
+    calibration_inputs = _calibration_inputs(args, plan)
+    with _reading(f"--model {args.model}"):
         model = load_model(args.model)
     try:  # quantize's ValueErrors with a plan: it names a layer the model lacks, or splits a shared one
-        qbert.quantize(model, plan)
+        # GPTQ's progress bar only on a terminal: elsewhere an error stays the one line on stderr.
+        qbert.quantize(model, plan, calibration=calibration_inputs, progress=sys.stderr.isatty())
+    except GPTQError:
+        raise  # the layer's inputs cannot calibrate it (ERRORS): the message names the layer and the remedy
     except ValueError as exc:
         raise UsageError(f"--plan {args.plan} does not fit --model {args.model}: {exc}") from exc
     os.makedirs(args.out, exist_ok=True)
@@ -261,5 +343,6 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 # What the commands raise for the user's inputs, reported by qbert.cli.main as one line and exit status 2
-# (besides qbert.cli.UsageError): a model or data file that cannot be used, an infeasible budget, a bad plan.
-ERRORS = (CalibrationError, AllocationError, PlanError)
+# (besides qbert.cli.UsageError): a model or data file that cannot be used, an infeasible budget, a bad plan,
+# calibration inputs that GPTQ cannot round a layer with.
+ERRORS = (CalibrationError, AllocationError, PlanError, GPTQError)

@@ -4,16 +4,23 @@ File layout (UTF-8 JSON)::
 
     {
       "format": "qbert.plan",
-      "version": 1,
+      "version": 2,
       "layers": {                                   # module name -> LinearFormat.to_dict()
         "encoder.layer.0.attention.self.query":
             {"name": "w4a16", "weight_bits": 4, "activation_bits": null, "symmetric": false,
              "group_size": 128, "row_groups": null},
         ...
       },
+      "rounding": {                                 # optional: module name -> Rounding.to_dict()
+        "encoder.layer.0.attention.self.query":
+            {"method": "gptq", "damp": 0.01, "block_size": 128, "act_order": false},
+        ...
+      },
       "meta": {...}                                 # free-form provenance: method, budget, model, ...
     }
 
+Version 2 added ``rounding`` (``qbert.nn.Rounding``: GPTQ or round to nearest per layer; a layer not
+listed takes ``qbert.quantize``'s ``rounding`` argument); version 1 files, which have none, still load.
 Modules not listed stay in floating point. A module reachable under several names (shared weights) may
 be listed under any of them; listing it twice with different formats is an error when the plan is
 applied.
@@ -28,9 +35,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from qbert.nn.formats import LinearFormat
+from qbert.nn.gptq import Rounding
 
 PLAN_FORMAT = "qbert.plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, PLAN_VERSION)  # version 1: no rounding
 _FILE_MODE = 0o644
 
 
@@ -40,10 +49,13 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Plan:
-    """Module name -> ``LinearFormat``; ``meta`` records how the plan was made (JSON-serializable)."""
+    """Module name -> ``LinearFormat``; ``rounding``: module name -> ``Rounding`` for some of those layers
+    (the others take ``qbert.quantize``'s ``rounding``); ``meta`` records how the plan was made
+    (JSON-serializable)."""
 
     layers: dict[str, LinearFormat]
     meta: dict = field(default_factory=dict)
+    rounding: dict[str, Rounding] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, dict):
@@ -54,10 +66,20 @@ class Plan:
                 raise PlanError(f"Plan: layers must map module names to LinearFormat, got {name!r}: {fmt!r}")
         if not isinstance(self.meta, dict):
             raise PlanError(f"Plan: meta must be a dict, got {type(self.meta).__name__}")
+        if not isinstance(self.rounding, dict):
+            raise PlanError(f"Plan: rounding must be a dict of module name -> qbert.nn.Rounding, got "
+                            f"{type(self.rounding).__name__}")
+        for name, rounding in self.rounding.items():
+            if not isinstance(rounding, Rounding):
+                raise PlanError(f"Plan: rounding must map module names to qbert.nn.Rounding, got {name!r}: "
+                                f"{rounding!r}")
+            if name not in self.layers:
+                raise PlanError(f"Plan: rounding names {name!r}, which the plan gives no format")
 
     def to_json(self) -> str:
         return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION,
                            "layers": {name: fmt.to_dict() for name, fmt in self.layers.items()},
+                           "rounding": {name: r.to_dict() for name, r in self.rounding.items()},
                            "meta": self.meta}, indent=2)
 
     @classmethod
@@ -76,9 +98,9 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise PlanError(f"{source}: not a qbert plan: 'format' is {got!r}, expected {PLAN_FORMAT!r}")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"{source}: plan version {data.get('version')!r}; this qbert reads version "
-                            f"{PLAN_VERSION}")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise PlanError(f"{source}: plan version {data.get('version')!r}; this qbert reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}")
         layers = data.get("layers")
         if not isinstance(layers, dict):
             raise PlanError(f"{source}: 'layers' must be an object mapping module names to formats")
@@ -91,7 +113,21 @@ class Plan:
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise PlanError(f"{source}: 'meta' must be an object")
-        return cls(parsed, meta)
+        rounding = data.get("rounding", {})
+        if data["version"] == 1 and "rounding" in data:
+            raise PlanError(f"{source}: a version 1 plan has no 'rounding' (version 2 added it)")
+        if not isinstance(rounding, dict):
+            raise PlanError(f"{source}: 'rounding' must be an object mapping module names to roundings")
+        parsed_rounding = {}
+        for name, entry in rounding.items():
+            try:
+                parsed_rounding[name] = Rounding.from_dict(entry)
+            except (ValueError, TypeError) as exc:
+                raise PlanError(f"{source}: rounding of {name!r}: {exc}") from exc
+        try:
+            return cls(parsed, meta, parsed_rounding)
+        except PlanError as exc:
+            raise PlanError(f"{source}: {exc}") from exc
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan to ``path`` atomically (a failed write leaves an earlier file intact)."""

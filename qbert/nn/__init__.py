@@ -1,6 +1,7 @@
 """Quantized modules: ``QLinear`` (formats in ``qbert.nn.formats``), ``quantize``, sizes, QAT."""
 
 from qbert.nn.formats import FORMATS, LinearFormat, linear_format
+from qbert.nn.gptq import Rounding
 from qbert.nn.qat import FakeQuantLinear, convert, distillation_loss, prepare_qat
 from qbert.nn.qlinear import QLinear
 from qbert.nn.quantize import QuantizeSummary, quantize
@@ -13,6 +14,7 @@ __all__ = [
            "LinearFormat",
            "QLinear",
            "QuantizeSummary",
+           "Rounding",
            "convert",
            "distillation_loss",
            "linear_bytes",

@@ -20,6 +20,7 @@ from torch import nn
 from qbert import ops
 from qbert.nn.formats import LinearFormat, linear_format
 from qbert.ops._checks import FLOAT_DTYPES
+from qbert.quant.int8 import INT8_QMAX
 from qbert.quant.lowbit import dequantize_lowbit, expand_rows, quantize_lowbit
 from qbert.quant.packing import pack, unpack
 
@@ -91,20 +92,64 @@ class QLinear(nn.Module):
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"QLinear.from_linear: the weight must be float32, float16 or bfloat16, "
                             f"got {weight.dtype}")
+        fmt = linear_format(mode)
+        if fmt.packed:
+            q = quantize_lowbit(weight, fmt.scheme)
+            return cls.from_codes(linear, fmt, q.codes, q.scale, q.zero)
+        return cls.from_codes(linear, fmt, *quantize_weight(weight))
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, mode: str | LinearFormat, codes: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor | None = None) -> QLinear:
+        """A QLinear of ``linear``'s shape and bias holding codes computed elsewhere (e.g. ``qbert.quant.gptq``).
+
+        int8 formats: ``codes`` int8 [N, K] in [-127, 127] and ``scale`` float32 [N]. Packed formats:
+        ``codes`` uint8 [N, K] (unpacked, below 2**bits), ``scale`` float32 and, when asymmetric, ``zero``
+        uint8 of the stored shape ``[K groups, row groups]`` (``qbert.quant.lowbit``); symmetric formats
+        take ``zero=None``. Anything else is an error naming the tensor.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QLinear.from_codes: expected an nn.Linear, got {type(linear).__name__}")
+        fmt = linear_format(mode)
+        n, k = linear.out_features, linear.in_features
         bias = linear.bias
-        layer = cls(linear.in_features, linear.out_features, bias=bias is not None, mode=mode,
-                    bias_dtype=bias.dtype if bias is not None else torch.float32, device=weight.device)
+        layer = cls(k, n, bias=bias is not None, mode=fmt,
+                    bias_dtype=bias.dtype if bias is not None else torch.float32, device=linear.weight.device)
+        shapes = fmt.weight_shapes(n, k)
+        if fmt.packed:
+            expected = {"codes": ((n, k), torch.uint8), "w_scale": (shapes["w_scale"], torch.float32),
+                        "w_zero": (shapes.get("w_zero"), torch.uint8)}
+            highest = (1 << fmt.weight_bits) - 1
+        else:
+            expected = {"codes": ((n, k), torch.int8), "w_scale": (shapes["w_scale"], torch.float32),
+                        "w_zero": (None, None)}
+            highest = INT8_QMAX
+        for what, tensor in (("codes", codes), ("w_scale", scale), ("w_zero", zero)):
+            shape, dtype = expected[what]
+            if shape is None:
+                if tensor is not None:
+                    raise ValueError(f"QLinear.from_codes: {fmt.describe()} stores no zero points, got a {what} tensor")
+                continue
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                got = (f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                       else type(tensor).__name__)
+                raise ValueError(f"QLinear.from_codes: {what} of a {fmt.describe()} [{n}, {k}] layer must be "
+                                 f"{dtype} {list(shape)}, got {got}")
+        lowest = 0 if fmt.packed else -INT8_QMAX
+        if codes.numel() and not (lowest <= int(codes.min()) and int(codes.max()) <= highest):
+            raise ValueError(f"QLinear.from_codes: {fmt.describe()} codes must be in [{lowest}, {highest}], got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        if zero is not None and zero.numel() and int(zero.max()) > highest:
+            raise ValueError(f"QLinear.from_codes: {fmt.describe()} zero points must be in [0, {highest}], got up "
+                             f"to {int(zero.max())}")
         with torch.no_grad():
-            if layer.format.packed:
-                q = quantize_lowbit(weight, layer.format.scheme)
-                layer.w_packed.copy_(pack(q.codes, layer.format.weight_bits))
-                layer.w_scale.copy_(q.scale)
-                if q.zero is not None:
-                    layer.w_zero.copy_(q.zero)
+            if fmt.packed:
+                layer.w_packed.copy_(pack(codes, fmt.weight_bits))
+                if zero is not None:
+                    layer.w_zero.copy_(zero)
             else:
-                w_q, w_scale = quantize_weight(weight)
-                layer.w_q.copy_(w_q)
-                layer.w_scale.copy_(w_scale)
+                layer.w_q.copy_(codes)
+            layer.w_scale.copy_(scale)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from qbert.models import FAMILIES, family_of, model_type_of
 from qbert.models._family import first_match
-from qbert.nn import fused
+from qbert.nn import fused, gptq
 from qbert.nn.formats import LinearFormat, check_option, linear_format
+from qbert.nn.gptq import NEAREST, NEAREST_ROUNDING, Rounding, rounding_of
 from qbert.nn.qlinear import QLinear
 
 SUMMARY_ATTR = "qbert_summary"
@@ -31,6 +32,7 @@ class QuantizeSummary:
     mode: ``LinearFormat.describe()`` of the one format used (``"w8a8"``, ``"w4a16 g128 asym"``), or
         ``"plan"`` when a plan chose per layer (each QLinear's ``format`` says which).
     fused: names of the modules now running the fused W8A8 chain (``qbert.nn.fused``).
+    rounding: name -> ``Rounding.describe()`` of the swapped modules not rounded to nearest (GPTQ).
     """
 
     mode: str
@@ -38,6 +40,7 @@ class QuantizeSummary:
     swapped: tuple[str, ...]
     kept_float: dict[str, str] = field(default_factory=dict)
     fused: tuple[str, ...] = ()
+    rounding: dict[str, str] = field(default_factory=dict)
 
 
 def _linear_aliases(model: nn.Module) -> dict[int, tuple[nn.Linear, list[str]]]:
@@ -57,7 +60,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
              skip: tuple[str, ...] | list[str] = (), include_head: bool = False, *,
              group_size: int | None = None, row_groups: int | None = None,
-             symmetric: bool | None = None, fuse: bool = True) -> nn.Module:
+             symmetric: bool | None = None, fuse: bool = True, rounding: str | Rounding = NEAREST,
+             calibration: Iterable[Mapping] | None = None, progress: bool = True) -> nn.Module:
     """Swap ``model``'s ``nn.Linear`` layers for ``qbert.nn.QLinear`` in place and return ``model``.
 
     mode: one format for every layer -- a mode name (``"w8a8"``, ``"w8a16"``, ``"w4a16"``, ``"w3a16"``,
@@ -76,6 +80,14 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
         the FFN up-projection as int8, and FFN up + GELU + requantize feeding the down-projection.
         ``fuse=False`` keeps the unfused path (each QLinear quantizes its own float input), the
         reference the fused chain is tested against.
+    rounding: how weights become codes (``qbert.nn.gptq``): ``"nearest"`` (the default) rounds each weight
+        to its nearest code; ``"gptq"`` (or a ``qbert.nn.Rounding`` with GPTQ's options) is Hessian-aware
+        rounding from ``calibration``: each layer's input Hessian over the calibration tokens, the layers in
+        model order, each seeing the inputs of the layers already quantized before it. Same formats, codes
+        and kernels; a plan may name a rounding per layer (``Plan.rounding``), which wins over this one.
+    calibration: with GPTQ rounding, an iterable of batches, each a dict of model inputs (``model(**batch)``;
+        a tokenizer's output; labels are not needed). Given without GPTQ rounding, it is an error.
+    progress: show GPTQ's progress (tqdm).
 
     A Linear reachable under several names (shared weights, e.g. ALBERT's shared layer reused by
     construction, or one module registered twice) becomes ONE QLinear placed at every name, so the
@@ -94,9 +106,11 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
     The result is recorded in ``model.qbert_summary`` (a ``QuantizeSummary``).
     """
     check_option("quantize", "fuse", fuse, bool)
+    check_option("quantize", "progress", progress, bool)
     _check_not_prepared_for_qat(model)
     summary = swap_linears(model, mode, skip, include_head, group_size, row_groups, symmetric,
-                           QLinear.from_linear, caller="quantize", replacement="qbert.nn.QLinear")
+                           QLinear.from_linear, caller="quantize", replacement="qbert.nn.QLinear",
+                           rounding=rounding_of(rounding), calibration=calibration, progress=progress)
     if fuse:
         summary = dataclasses.replace(summary, fused=fused.fuse(model))
     setattr(model, SUMMARY_ATTR, summary)
@@ -116,11 +130,16 @@ def _holds_transformers_model(model: nn.Module) -> bool:
 def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: int | None,
                  row_groups: int | None, symmetric: bool | None,
                  build: Callable[[nn.Linear, LinearFormat], nn.Module], *, caller: str,
-                 replacement: str) -> QuantizeSummary:
+                 replacement: str, rounding: Rounding | None = None, calibration: Iterable[Mapping] | None = None,
+                 progress: bool = True) -> QuantizeSummary:
     """Put ``build(linear, format)`` in place of every ``nn.Linear`` that ``quantize``'s arguments select
     (one module per shared layer, placed at each of its names; it keeps the Linear's training flag);
     ``caller`` and ``replacement`` name the public function and the module class in error messages.
-    Every check (``quantize``'s errors) runs before the model is changed."""
+    Layers whose rounding (``rounding``, or the plan's for that layer) is GPTQ become
+    ``QLinear.from_codes`` of ``qbert.nn.gptq.quantize_sequentially`` over ``calibration`` instead;
+    ``rounding=None`` says the caller rounds to nearest only, and a plan naming GPTQ is then an error.
+    Every check (``quantize``'s errors) runs before the model is changed; an error while GPTQ runs puts
+    the original layers back."""
     _check_options(caller, skip, include_head, group_size, row_groups, symmetric)
     if type(model) is nn.Linear:
         raise TypeError(f"{caller}: the model itself is an nn.Linear and cannot be swapped in place; "
@@ -128,7 +147,7 @@ def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: i
     _check_not_quantized(model, caller)
     family = family_of(model)
     aliases = _linear_aliases(model)
-    plan = _plan_layers(mode, caller)
+    plan, plan_rounding = _plan_layers(mode, caller)
     if plan is None:
         fmt = linear_format(mode, group_size=group_size, row_groups=row_groups, symmetric=symmetric)
         chosen = _uniform_choice(aliases, fmt, family, tuple(skip), include_head)
@@ -143,17 +162,46 @@ def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: i
         raise ValueError(_nothing_to_quantize(model, caller, aliases, chosen, plan))
     swapped: list[str] = []
     kept_float: dict[str, str] = {}
+    nearest, by_gptq = [], []
     for key, (linear, names) in aliases.items():
         fmt_or_reason = chosen[key]
         if isinstance(fmt_or_reason, str):
             kept_float.update({name: fmt_or_reason for name in names})
             continue
-        module = build(linear, fmt_or_reason)
-        module.train(linear.training)
-        for name in names:
-            _set_module(model, name, module)
+        layer_rounding = next((plan_rounding[name] for name in names if name in plan_rounding),
+                              rounding or NEAREST_ROUNDING)
+        (nearest if layer_rounding.method == NEAREST else by_gptq).append(
+            (linear, names, fmt_or_reason, layer_rounding))
         swapped.extend(names)
-    return QuantizeSummary(label, family.name, tuple(swapped), kept_float)
+    if by_gptq and rounding is None:
+        raise ValueError(f"{caller}: the plan names GPTQ rounding for {_some([t[1][0] for t in by_gptq])}; "
+                         f"{caller} rounds to nearest only: GPTQ needs calibration data, "
+                         f"qbert.quantize(model, plan, calibration=batches) applies it")
+    if by_gptq:
+        batches = gptq.calibration_batches(model, calibration, caller)
+        stages = gptq.plan_stages(model, [t[0] for t in by_gptq], [t[1][0] for t in by_gptq], batches[0],
+                                  caller)
+    elif calibration is not None:
+        raise ValueError(f"{caller}: calibration is only used by GPTQ rounding, and no layer has it "
+                         f"(pass rounding='gptq', or leave calibration out)")
+    try:
+        for linear, names, fmt, _ in nearest:
+            module = build(linear, fmt)
+            module.train(linear.training)
+            for name in names:
+                _set_module(model, name, module)
+        if by_gptq:
+            gptq.quantize_sequentially(
+                model, by_gptq, stages, batches,
+                lambda linear, fmt, weight: QLinear.from_codes(linear, fmt, weight.codes, weight.scale, weight.zero),
+                lambda name, module: _set_module(model, name, module), progress=progress)
+    except BaseException:
+        for linear, names, *_ in (*nearest, *by_gptq):
+            for name in names:
+                _set_module(model, name, linear)
+        raise
+    rounded = {name: r.describe() for _, names, _, r in by_gptq for name in names}
+    return QuantizeSummary(label, family.name, tuple(swapped), kept_float, rounding=rounded)
 
 
 def _check_options(caller: str, skip, include_head, group_size, row_groups, symmetric) -> None:
@@ -193,16 +241,17 @@ def _check_not_prepared_for_qat(model: nn.Module) -> None:
                          f"{', '.join(prepared)}); qbert.nn.convert(model) quantizes it in those formats")
 
 
-def _plan_layers(mode, caller: str) -> dict[str, LinearFormat] | None:
-    """The per-layer formats of a plan argument, or None when ``mode`` names one format for all layers."""
+def _plan_layers(mode, caller: str) -> tuple[dict[str, LinearFormat] | None, dict[str, Rounding]]:
+    """The per-layer formats and roundings of a plan argument; (None, {}) when ``mode`` names one format
+    for all layers."""
     from qbert.allocate.plan import Plan
 
     if isinstance(mode, Plan):
-        return dict(mode.layers)
+        return dict(mode.layers), dict(mode.rounding)
     if isinstance(mode, Mapping):
-        return {name: linear_format(fmt) for name, fmt in mode.items()}
+        return {name: linear_format(fmt) for name, fmt in mode.items()}, {}
     if isinstance(mode, (str, LinearFormat)):
-        return None
+        return None, {}
     raise TypeError(f"{caller}: mode must be a mode name (str), a LinearFormat, a qbert.allocate.Plan or a "
                     f"mapping of module name -> format, got {type(mode).__name__} {mode!r}")
 

@@ -115,33 +115,50 @@ def _grouped(weight: torch.Tensor, scheme: LowBitScheme) -> torch.Tensor:
     return padded.view(rg, n // rg, kg, size)
 
 
+def _ranges(groups: torch.Tensor, scheme: LowBitScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points (float32) [row groups, K groups] of ``groups`` [rg, rows, kg, size]."""
+    if scheme.symmetric:
+        scale = groups.abs().amax(dim=(1, 3)) / (implicit_zero(scheme.bits) - 1)
+        return scale, torch.full_like(scale, implicit_zero(scheme.bits))
+    levels = (1 << scheme.bits) - 1
+    lo = groups.amin(dim=(1, 3)).clamp(max=0)
+    hi = groups.amax(dim=(1, 3)).clamp(min=0)
+    scale = (hi - lo) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.where(scale > 0, torch.round(-lo / safe).clamp(0, levels), torch.zeros_like(scale))
+    return scale, zero
+
+
+def lowbit_ranges(weight: torch.Tensor, scheme: LowBitScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 scales and zero points that ``quantize_lowbit`` gives ``weight`` [N, K], in the stored
+    shape ``[K groups, row groups]`` (zeros as floats; symmetric schemes get the implicit zero)."""
+    scale, zero = _ranges(_grouped(weight.detach().float(), scheme), scheme)
+    return scale.T.contiguous(), zero.T.contiguous()
+
+
+def lowbit_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                 symmetric: bool) -> torch.Tensor:
+    """Codes (float32 integers in ``0 .. 2**bits - 1``) of float32 ``values`` under ``scale`` / ``zero``
+    (float32, broadcastable to ``values``): the rounding rule of the module docstring."""
+    levels = (1 << bits) - 1
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(values / safe)
+    if symmetric:
+        qmax = implicit_zero(bits) - 1
+        q = q.clamp(-qmax, qmax)
+    u = (q + zero).clamp(0, levels)
+    return torch.where(scale > 0, u, zero)
+
+
 def quantize_lowbit(weight: torch.Tensor, scheme: LowBitScheme) -> LowBitWeight:
     """Quantize a float weight [N, K] under ``scheme`` (module docstring); zero padding never widens a range."""
     if weight.dim() != 2 or not weight.is_floating_point() or 0 in weight.shape:
         raise ValueError(f"quantize_lowbit: the weight must be a non-empty float [N, K] tensor, got "
                          f"{weight.dtype} of shape {list(weight.shape)}")
     n, k = weight.shape
-    w = weight.detach().float()
-    groups = _grouped(w, scheme)
-    levels = (1 << scheme.bits) - 1
-    if scheme.symmetric:
-        qmax = implicit_zero(scheme.bits) - 1
-        scale = groups.abs().amax(dim=(1, 3)) / qmax  # [row groups, K groups]
-        zero = torch.full_like(scale, implicit_zero(scheme.bits))
-        lowest, highest = -qmax, qmax
-    else:
-        lo = groups.amin(dim=(1, 3)).clamp(max=0)
-        hi = groups.amax(dim=(1, 3)).clamp(min=0)
-        scale = (hi - lo) / levels
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.where(scale > 0, torch.round(-lo / safe).clamp(0, levels), torch.zeros_like(scale))
-        lowest, highest = None, None
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None, :, None]
-    q = torch.round(groups / safe)
-    if lowest is not None:
-        q = q.clamp(lowest, highest)
-    u = (q + zero[:, None, :, None]).clamp(0, levels)
-    u = torch.where(scale[:, None, :, None] > 0, u, zero[:, None, :, None])
+    groups = _grouped(weight.detach().float(), scheme)
+    scale, zero = _ranges(groups, scheme)
+    u = lowbit_codes(groups, scale[:, None, :, None], zero[:, None, :, None], scheme.bits, scheme.symmetric)
     codes = u.reshape(n, -1)[:, :k].to(torch.uint8)
     scale_t = scale.T.contiguous()
     zero_t = None if scheme.symmetric else zero.T.contiguous().to(torch.uint8)
@@ -168,4 +185,4 @@ def dequantize_lowbit(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 __all__ = ["BITS_CHOICES", "LowBitScheme", "LowBitWeight", "dequantize_lowbit", "expand_rows",
-           "implicit_zero", "quantize_lowbit"]
+           "implicit_zero", "lowbit_codes", "lowbit_ranges", "quantize_lowbit"]

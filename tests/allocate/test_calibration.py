@@ -1,12 +1,15 @@
-"""Calibration batches (qbert.allocate.calibration): the size limits, and labels the model's loss can take,
-checked for library callers as for `qbert allocate`."""
+"""Calibration batches (qbert.allocate.calibration): the size limits, labels the model's loss can take,
+checked for library callers as for `qbert allocate`, and batches of model inputs only (GPTQ's)."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import re
 import string
 
 import pytest
+import torch
 import transformers
 
 from qbert.allocate import calibration as C
@@ -96,3 +99,47 @@ def test_an_example_without_a_token_to_mask_is_named(tokenizer):
 def test_label_classes_only_for_losses_that_index_the_logits(class_name, num_labels, problem_type, expected):
     model = T.build(class_name, num_labels=num_labels, problem_type=problem_type)
     assert C.label_classes(model) == expected
+
+
+def test_input_batches_are_the_tokenized_batches_without_labels_or_masks(tokenizer):
+    examples = _labelled(0, 1, 1, 0)
+    inputs = _batches(tokenizer, examples, C.INPUTS, num_labels=None)
+    labelled = _batches(tokenizer, examples)
+    masked = _batches(tokenizer, examples, "mlm", num_labels=None)
+    assert len(inputs) == len(labelled) == 2
+    for plain, with_labels, with_masks in zip(inputs, labelled, masked, strict=True):
+        assert set(plain) == set(with_labels) - {"labels"} == {"input_ids", "token_type_ids", "attention_mask"}
+        assert all(torch.equal(plain[key], with_labels[key]) for key in plain)
+        assert not torch.equal(plain["input_ids"], with_masks["input_ids"])  # the MLM batches are masked
+        assert tokenizer.mask_token_id not in plain["input_ids"]
+
+
+def test_input_batches_take_examples_without_labels(tokenizer):
+    examples = [{"text": "aa ab ac"}, {"text": "ag", "label": "any"}, {"text": "ad", "text_pair": "ae af"}]
+    batches = _batches(tokenizer, examples, C.INPUTS, batch_size=2, num_labels=None)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1] and not any("labels" in b for b in batches)
+    assert (batches[1]["token_type_ids"] == 1).any()  # the pair's second text
+
+
+def test_unknown_task_and_mlm_without_seed_are_refused(tokenizer):
+    with pytest.raises(C.CalibrationError, match=r"^task must be one of classification, mlm, inputs, got 'qa'$"):
+        _batches(tokenizer, _labelled(0), "qa")
+    with pytest.raises(C.CalibrationError, match=r"^masked LM needs a seed for its masks"):
+        C.make_batches(_labelled(0), tokenizer, "mlm", batch_size=1, max_length=16, max_batches=None, seed=None,
+                       num_labels=None)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_input_batches_of_a_data_file(tokenizer, tmp_path, suffix):
+    """``input_batches`` reads the file and the tokenizer saved beside the model (no model needed)."""
+    tokenizer.save_pretrained(tmp_path / "model")
+    texts = [f"{WORDS[i]} {WORDS[i + 2]}" for i in range(5)]
+    data = tmp_path / f"data{suffix}"
+    data.write_text("".join((json.dumps({"text": t, "label": 1}) if suffix == ".jsonl" else t) + "\n" for t in texts))
+    batches = C.input_batches(tmp_path / "model", data, batch_size=2, max_length=16, max_batches=2)
+    expected = _batches(tokenizer, [{"text": t} for t in texts], C.INPUTS, batch_size=2, max_batches=2,
+                        num_labels=None)
+    assert len(batches) == 2 and all(set(b) == set(e) and all(torch.equal(b[k], e[k]) for k in b)
+                                     for b, e in zip(batches, expected, strict=True))
+    with pytest.raises(C.CalibrationError, match=rf"^{re.escape(str(data))}: need batch_size >= 1, max_length >= "):
+        C.input_batches(tmp_path / "model", data, batch_size=2, max_length=C.MIN_MAX_LENGTH - 1, max_batches=2)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from qbert.allocate import PLAN_FORMAT, PLAN_VERSION, Plan, PlanError
-from qbert.nn import linear_format
+from qbert.nn import Rounding, linear_format
 
 
 def _plan():
@@ -43,7 +43,7 @@ def test_a_failed_save_leaves_the_earlier_file_intact(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change,match", [
     (lambda d: d.update(format="other"), "not a qbert plan: 'format' is 'other'"),
-    (lambda d: d.update(version=2), "plan version 2; this qbert reads version 1"),
+    (lambda d: d.update(version=3), "plan version 3; this qbert reads versions 1, 2"),
     (lambda d: d.update(layers=[]), "'layers' must be an object"),
     (lambda d: d["layers"]["b"].update(weight_bits=4), "layer 'b': .*contradicts the mode 'w2a8'"),
     (lambda d: d["layers"]["b"].update(group_size=48), "layer 'b': .*group_size must be a positive multiple of 32"),
@@ -143,3 +143,103 @@ def test_unreadable_plan_files_are_plan_errors_naming_the_file(tmp_path, content
     path.write_bytes(content)
     with pytest.raises(PlanError, match=f"^{path}: {match}"):
         Plan.load(path)
+
+
+# ---- rounding (plan version 2) -------------------------------------------------------------------------
+
+def _plan_with_rounding():
+    plan = _plan()
+    return Plan(plan.layers, plan.meta, {"a.query": Rounding("gptq", damp=0.1, act_order=True),
+                                         "b": Rounding("nearest")})
+
+
+def test_rounding_round_trips_through_json_and_files(tmp_path):
+    plan = _plan_with_rounding()
+    assert Plan.from_json(plan.to_json()) == plan
+    data = json.loads(plan.to_json())
+    assert data["version"] == PLAN_VERSION == 2
+    assert data["rounding"] == {"a.query": {"method": "gptq", "damp": 0.1, "block_size": 128, "act_order": True},
+                                "b": {"method": "nearest", "damp": 0.01, "block_size": 128, "act_order": False}}
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan and loaded.rounding["a.query"] == Rounding("gptq", damp=0.1, act_order=True)
+    assert _plan() != plan  # the rounding is part of the plan
+
+
+def _version_1(data: dict) -> None:
+    data["version"] = 1
+    del data["rounding"]
+
+
+def test_a_version_1_file_loads_without_rounding(tmp_path):
+    data = json.loads(_plan().to_json())
+    _version_1(data)
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    loaded = Plan.load(path)
+    assert loaded == _plan() and loaded.rounding == {}
+
+
+@pytest.mark.parametrize("rounding", [{}, {"b": {"method": "gptq"}}], ids=["empty", "gptq"])
+def test_a_version_1_file_with_rounding_is_refused(tmp_path, rounding):
+    data = json.loads(_plan().to_json())
+    _version_1(data)
+    data["rounding"] = rounding
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=rf"^{path}: a version 1 plan has no 'rounding' \(version 2 added it\)"):
+        Plan.load(path)
+
+
+def test_rounding_of_a_layer_without_a_format_is_refused(tmp_path):
+    with pytest.raises(PlanError, match=r"^Plan: rounding names 'c', which the plan gives no format"):
+        Plan(_plan().layers, {}, {"c": Rounding("gptq")})
+    data = json.loads(_plan().to_json())
+    data["rounding"] = {"c": {"method": "gptq"}}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=rf"^{path}: Plan: rounding names 'c', which the plan gives no format"):
+        Plan.load(path)
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"method": "adaround"}, "method must be one of nearest, gptq, got 'adaround'"),
+    ({"method": "gptq", "colour": "red"}, r"expected a dict with 'method' and optionally \['damp'"),
+    ({"damp": 0.1}, r"expected a dict with 'method'"),
+    ("gptq", r"expected a dict with 'method'"),
+    ({"method": "gptq", "damp": -1}, "damp must be a float >= 0, got -1"),
+    ({"method": "gptq", "damp": "0.1"}, "damp must be a float >= 0, got '0.1'"),
+    ({"method": "gptq", "block_size": 0}, "block_size must be a positive int, got 0"),
+    ({"method": "gptq", "block_size": 64.0}, "block_size must be a positive int, got 64.0"),
+    ({"method": "gptq", "act_order": "yes"}, "act_order must be a bool, got 'yes'"),
+], ids=["unknown-method", "unknown-key", "no-method", "not-a-dict", "damp-negative", "damp-str", "block-0",
+        "block-float", "act-order-str"])
+def test_a_bad_rounding_entry_is_refused_with_the_layer_name(tmp_path, entry, match):
+    data = json.loads(_plan().to_json())
+    data["rounding"] = {"a.query": entry}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=f"^{path}: rounding of 'a.query': .*{match}"):
+        Plan.load(path)
+    with pytest.raises(PlanError, match=f"^plan: rounding of 'a.query': .*{match}"):
+        Plan.from_json(json.dumps(data))
+
+
+def test_rounding_must_be_an_object(tmp_path):
+    data = json.loads(_plan().to_json())
+    data["rounding"] = [["a.query", {"method": "gptq"}]]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=rf"^{path}: 'rounding' must be an object mapping module names"):
+        Plan.load(path)
+
+
+@pytest.mark.parametrize("rounding,match", [
+    ([("a.query", Rounding("gptq"))], "rounding must be a dict of module name -> qbert.nn.Rounding, got list"),
+    ({"a.query": "gptq"}, "rounding must map module names to qbert.nn.Rounding, got 'a.query': 'gptq'"),
+    ({"a.query": {"method": "gptq"}}, "rounding must map module names to qbert.nn.Rounding, got 'a.query': {"),
+], ids=["list", "str-entry", "dict-entry"])
+def test_plan_construction_checks_the_rounding(rounding, match):
+    with pytest.raises(PlanError, match=f"^Plan: {match}"):
+        Plan(_plan().layers, {}, rounding)

@@ -3,11 +3,12 @@ import torch
 from torch import nn
 
 from qbert import ops
-from qbert.nn import FORMATS, QLinear
+from qbert.nn import FORMATS, QLinear, linear_format
 from qbert.nn.formats import INT8_MODES
 from qbert.ops.int8_linear import int8_linear_reference
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 from qbert.ops.w8a16_linear import w8a16_linear_reference
+from qbert.quant.lowbit import quantize_lowbit
 from tests._backends import assert_error_within
 from tests.nn._tiny_models import sqnr_db
 
@@ -185,3 +186,82 @@ def test_compile_fullgraph(mode):
 def test_bad_sizes():
     with pytest.raises(ValueError, match="in_features and out_features must be at least 1"):
         QLinear(0, 4)
+
+
+# ---- QLinear.from_codes ----------------------------------------------------------------------------------
+
+FROM_CODES_FORMATS = [linear_format(mode) for mode in FORMATS] + [
+    linear_format("w4a16", group_size=32, symmetric=True), linear_format("w3a16", row_groups=3),
+    linear_format("w2a8", group_size=-1), linear_format("w8a16", group_size=32)]
+
+
+def _stored_codes(linear: nn.Linear, fmt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round to nearest's (codes, scale, zero) in from_codes's layout."""
+    if not fmt.packed:
+        return *quantize_per_token_reference(linear.weight.detach()), None
+    q = quantize_lowbit(linear.weight.detach(), fmt.scheme)
+    return q.codes, q.scale, q.zero
+
+
+@pytest.mark.parametrize("fmt", FROM_CODES_FORMATS, ids=lambda f: f.describe().replace(" ", "-"))
+def test_from_linear_is_from_codes_of_round_to_nearest(fmt):
+    # Tier: exact: the same buffers, bias included.
+    linear = _linear(64, 33, torch.float32)
+    expected = QLinear.from_linear(linear, fmt)
+    layer = QLinear.from_codes(linear, fmt, *_stored_codes(linear, fmt))
+    assert layer.format == expected.format
+    assert dict(layer.named_buffers()).keys() == dict(expected.named_buffers()).keys()
+    for name, buffer in expected.named_buffers():
+        assert torch.equal(dict(layer.named_buffers())[name], buffer), name
+    x = _x((5,), 64, torch.float32)
+    assert torch.equal(layer(x), expected(x))
+
+
+W8A8_CODES = (torch.zeros(33, 64, dtype=torch.int8), torch.ones(33))
+W4_SHAPE = (2, 33)  # [K groups of 32, N] for K = 64
+W4A16_CODES = (torch.zeros(33, 64, dtype=torch.uint8), torch.ones(W4_SHAPE), torch.zeros(W4_SHAPE, dtype=torch.uint8))
+W4A16_G32 = linear_format("w4a16", group_size=32)
+W4A16_G32_SYM = linear_format("w4a16", group_size=32, symmetric=True)
+
+
+def _replace(codes: tuple, index: int, value) -> tuple:
+    return (*codes[:index], value, *codes[index + 1:])
+
+
+@pytest.mark.parametrize("fmt,operands,match", [
+    ("w8a8", _replace(W8A8_CODES, 0, torch.zeros(33, 63, dtype=torch.int8)),
+     r"codes of a w8a8 \[33, 64\] layer must be torch.int8 \[33, 64\], got torch.int8 \[33, 63\]"),
+    ("w8a8", _replace(W8A8_CODES, 0, torch.zeros(33, 64, dtype=torch.int32)),
+     r"codes of a w8a8 \[33, 64\] layer must be torch.int8 \[33, 64\], got torch.int32 \[33, 64\]"),
+    ("w8a16", _replace(W8A8_CODES, 1, torch.ones(33, dtype=torch.float64)),
+     r"w_scale of a w8a16 \[33, 64\] layer must be torch.float32 \[33\], got torch.float64 \[33\]"),
+    ("w8a8", _replace(W8A8_CODES, 1, torch.ones(1, 33)),
+     r"w_scale of a w8a8 \[33, 64\] layer must be torch.float32 \[33\], got torch.float32 \[1, 33\]"),
+    ("w8a8", _replace(W8A8_CODES, 0, torch.full((33, 64), -128, dtype=torch.int8)),
+     r"w8a8 codes must be in \[-127, 127\], got \[-128, -128\]"),
+    ("w8a8", (*W8A8_CODES, torch.zeros(33, dtype=torch.uint8)), "w8a8 stores no zero points, got a w_zero tensor"),
+    (W4A16_G32, _replace(W4A16_CODES, 0, torch.full((33, 64), 16, dtype=torch.uint8)),
+     r"w4a16 g32 asym codes must be in \[0, 15\], got \[16, 16\]"),
+    (W4A16_G32, _replace(W4A16_CODES, 0, torch.zeros(33, 64, dtype=torch.int8)),
+     r"codes of a w4a16 g32 asym \[33, 64\] layer must be torch.uint8 \[33, 64\], got torch.int8"),
+    (W4A16_G32, _replace(W4A16_CODES, 1, torch.ones(33, 2)),
+     r"w_scale of a w4a16 g32 asym \[33, 64\] layer must be torch.float32 \[2, 33\], got torch.float32 \[33, 2\]"),
+    (W4A16_G32, _replace(W4A16_CODES, 2, None),
+     r"w_zero of a w4a16 g32 asym \[33, 64\] layer must be torch.uint8 \[2, 33\], got NoneType"),
+    (W4A16_G32, _replace(W4A16_CODES, 2, torch.zeros(W4_SHAPE)),
+     r"w_zero of a w4a16 g32 asym \[33, 64\] layer must be torch.uint8 \[2, 33\], got torch.float32 \[2, 33\]"),
+    (W4A16_G32_SYM, W4A16_CODES, "w4a16 g32 sym stores no zero points, got a w_zero tensor"),
+    (W4A16_G32_SYM, (torch.zeros(33, 64, dtype=torch.uint8), [[1.0] * 33] * 2),
+     r"w_scale of a w4a16 g32 sym \[33, 64\] layer must be torch.float32 \[2, 33\], got list"),
+    (W4A16_G32, _replace(W4A16_CODES, 2, torch.full(W4_SHAPE, 16, dtype=torch.uint8)),
+     r"w4a16 g32 asym zero points must be in \[0, 15\], got up to 16"),
+], ids=["codes-shape", "codes-dtype", "scale-dtype", "scale-shape", "int8-range", "int8-zero", "packed-range",
+        "packed-dtype", "packed-scale-shape", "zero-missing", "zero-dtype", "sym-zero", "scale-list", "zero-range"])
+def test_from_codes_errors_name_the_tensor(fmt, operands, match):
+    with pytest.raises(ValueError, match=f"^QLinear.from_codes: {match}"):
+        QLinear.from_codes(_linear(64, 33, torch.float32), fmt, *operands)
+
+
+def test_from_codes_needs_a_linear():
+    with pytest.raises(TypeError, match="QLinear.from_codes: expected an nn.Linear, got Conv1d"):
+        QLinear.from_codes(nn.Conv1d(4, 4, 1), "w8a8", *W8A8_CODES)
