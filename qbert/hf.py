@@ -51,6 +51,7 @@ from qbert.allocate.plan import PLAN_FORMAT, Plan
 from qbert.models import family_of
 from qbert.nn.formats import FORMATS, LinearFormat, check_option, linear_format
 from qbert.nn.fused import FusedLayer, fuse
+from qbert.nn.gptq import NEAREST
 from qbert.nn.qlinear import QLinear
 from qbert.nn.quantize import SUMMARY_ATTR, QuantizeSummary, _check_options, _set_module, swap_linears
 
@@ -105,6 +106,13 @@ class QbertConfig(QuantizationConfigMixin):
                 if (group_size, row_groups, symmetric) != (None, None, None) or skip or include_head:
                     raise ValueError("a plan names every layer's format; group_size, row_groups, symmetric, "
                                      "skip and include_head apply to a single mode only")
+                gptq = [name for name, rounding in fmt.rounding.items() if rounding.method != NEAREST]
+                if gptq:
+                    more = f" and {len(gptq) - 1} more layers" if len(gptq) > 1 else ""
+                    raise ValueError(f"the plan names GPTQ rounding for {gptq[0]}{more}; "
+                                     f"from_pretrained quantizes while the weights load, without calibration "
+                                     f"data: load the float model, qbert.quantize(model, plan, "
+                                     f"calibration=batches), then save_pretrained")
             else:
                 linear_format(fmt, group_size=group_size, row_groups=row_groups, symmetric=symmetric)
         except (ValueError, TypeError) as exc:

@@ -264,6 +264,17 @@ def test_a_plan_naming_a_missing_layer_fails_at_from_pretrained(float_dirs):
             float_dirs("BertForSequenceClassification"), quantization_config=QbertConfig(plan))
 
 
+def test_a_plan_naming_gptq_rounding_is_refused_by_the_config():
+    """from_pretrained quantizes while loading, with no calibration data for GPTQ."""
+    plan = _plan()
+    plan = qbert.Plan(plan.layers, rounding={"classifier": qbert.nn.Rounding("gptq")})
+    with pytest.raises(ValueError, match=r"QbertConfig: the plan names GPTQ rounding for classifier; "
+                                         r"from_pretrained quantizes while the weights load"):
+        QbertConfig(plan)
+    nearest = qbert.Plan(plan.layers, rounding={"classifier": qbert.nn.Rounding("nearest")})
+    assert QbertConfig(nearest).format is nearest
+
+
 # ---- bad qbert directories --------------------------------------------------------------------------
 
 @pytest.fixture
