@@ -314,3 +314,15 @@ def test_prepare_qat_rounds_to_nearest_only(float_model):
         qbert.nn.prepare_qat(model, plan)
     _assert_unchanged(model, before)
     assert not hasattr(model, "qbert_qat_summary")
+
+
+@pytest.mark.parametrize("family", sorted(tiny.BASE_MODELS))
+def test_every_family_quantizes_closer_to_float_than_round_to_nearest(family):
+    """Every supported family, ALBERT's one layer shared by all depths included (its H sums over every
+    call of a forward), with its own stages."""
+    model = tiny.build(tiny.BASE_MODELS[family], family)
+    reference = tiny.first_output(model)
+    nearest = qbert.quantize(copy.deepcopy(model), FORMAT)
+    gptq = _gptq(copy.deepcopy(model))
+    assert set(gptq.qbert_summary.rounding) == set(gptq.qbert_summary.swapped)
+    assert _mse(tiny.first_output(gptq), reference) < _mse(tiny.first_output(nearest), reference)
