@@ -25,7 +25,15 @@ Rows (each quantizes the 36 encoder ``nn.Linear`` layers; size = their exact wei
     uniform W3 only admits uniform W3 itself, hence the 2.5-bit budget for 2/3.
   * the reverse allocation at the same budget: the same MILP with the per-weight curvatures Tr(H_i) / n_i
     mirrored across layers (the flattest layer gets the sharpest layer's curvature, and so on).
-Each quantized row is evaluated after post-training quantization (PTQ) and after recovery: a short QAT
+  * uniform W4 / W3 / W2 with K groups of ``K_GROUP`` (the modes' default, ``g128``) and W4A8 g128, by round
+    to nearest;
+  * GPTQ (``qbert.quantize(..., rounding="gptq")``, Hessian-aware rounding from ``Settings.gptq_batches``
+    unlabeled training batches, no training): uniform W4 / W3 / W2 with K groups and with row groups, W4A8,
+    and the Hessian-guided mixed rows with the GPTQ-aware HAWQ-V2 cost (``hawq_sensitivity(...,
+    rounding="gptq")``). For each GPTQ row the layer reconstruction error tr(dW H dW^T) / 2 of its GPTQ
+    weights and of round to nearest is measured on held-out test articles (H from the inputs each layer
+    sees in the GPTQ model); the table reports the worst layer's ratio.
+Each round-to-nearest row is evaluated after post-training quantization (PTQ) and after recovery: a short QAT
 run (``qbert.nn.qat``, straight-through estimator, ``Settings.qat_steps`` steps from the fp32 weights) with loss
 cross-entropy + ``distillation_loss`` to the fp32 model's logits, then ``convert`` to real ``QLinear`` layers.
 Dropout is off during QAT: the teacher logits are computed without it, and a short run should match them.
@@ -63,7 +71,9 @@ from qbert.allocate.budget import BITS_PER_BYTE
 from qbert.cli import writable_dir
 from qbert.hessian import TraceEstimate, hawq_sensitivity, hutchinson_traces
 from qbert.nn import LinearFormat, linear_bytes, linear_format
-from qbert.nn.qat import convert, distillation_loss, prepare_qat
+from qbert.nn.gptq import GPTQ, NEAREST, input_hessians
+from qbert.nn.qat import convert, distillation_loss, fake_quantize_weight, prepare_qat
+from qbert.quant.gptq import reconstruction_error
 
 SUITE = "qbert_table"
 CACHE_VERSION = 1  # bump when a change to this file changes what a cached checkpoint / row would contain
@@ -77,6 +87,10 @@ DIRECTQ_ROW_GROUPS = 1  # Q-BERT's DirectQ: one range per matrix
 UNIFORM_BITS = (4, 3, 2)
 W8A8 = "w8a8"
 WEIGHT_ONLY = "w{bits}a16"
+INT8_ACTIVATIONS = "w{bits}a8"
+W4A8_BITS = 4
+K_GROUP = 128  # GPTQ's usual group and qbert's default: 3 groups per 384-wide row, 12 per 1536
+GPTQ_TARGETS = {4: 1.0, 3: 3.0}  # bits -> the most accuracy points a GPTQ W{bits}A16 g128 row may lose vs fp32
 # Knowledge distillation during QAT: loss = CE + DISTILL_WEIGHT * T**2 KL(teacher_T || student_T).
 DISTILL_WEIGHT = 1.0
 DISTILL_TEMPERATURE = 2.0
@@ -104,6 +118,8 @@ class Settings:
     articles_per_class: int | None  # None: every article
     seed: int = SEED
     test_fraction: float = TEST_FRACTION
+    gptq_batches: int = 8  # calibration batches of GPTQ (training articles, no labels) ...
+    gptq_batch_size: int = 16  # ... of this many articles; the same number of test batches measures the layers
 
     def subset(self, *names: str) -> dict[str, Any]:
         """The named fields, for a cache key that only the work depending on them should change."""
@@ -114,6 +130,7 @@ DATA_FIELDS = ("max_length", "articles_per_class", "seed", "test_fraction")
 FP32_FIELDS = (*DATA_FIELDS, "batch_size", "fp32_epochs", "fp32_lr")
 HESSIAN_FIELDS = ("hessian_batches", "hessian_batch_size", "hessian_probes")
 QAT_FIELDS = ("batch_size", "qat_steps", "qat_lr")
+GPTQ_FIELDS = ("gptq_batches", "gptq_batch_size")
 
 
 # Full run, sized for <= 45 minutes on 2 idle CPU cores. Measured on the 2-core AMD EPYC (Zen 5): an fp32
@@ -125,7 +142,8 @@ FULL = Settings(max_length=128, batch_size=16, eval_batch_size=64, fp32_epochs=3
                 qat_lr=5e-5, hessian_batches=2, hessian_batch_size=16, hessian_probes=24, articles_per_class=None)
 # Smoke: a few articles per class, one step of everything, every row configured.
 SMOKE = Settings(max_length=32, batch_size=4, eval_batch_size=8, fp32_epochs=1, fp32_lr=1e-4, qat_steps=1,
-                 qat_lr=5e-5, hessian_batches=1, hessian_batch_size=4, hessian_probes=2, articles_per_class=4)
+                 qat_lr=5e-5, hessian_batches=1, hessian_batch_size=4, hessian_probes=2, articles_per_class=4,
+                 gptq_batches=1, gptq_batch_size=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,17 +172,24 @@ MIXED = (MixedSpec((2, 3), budget_bits=2.5), MixedSpec((2, 4), budget_uniform_bi
 
 @dataclasses.dataclass(frozen=True)
 class RowSpec:
-    """One row: ``key`` (stable id, for ``--rows`` and the cache), ``label``, ``method`` (plot marker)."""
+    """One row: ``key`` (stable id, for ``--rows`` and the cache), ``label``, ``method`` (plot marker),
+    ``rounding`` (``"nearest"`` or ``"gptq"``; in the cache key only when GPTQ, so that the round-to-nearest
+    rows keep the keys they had before GPTQ rows existed)."""
 
     key: str
     label: str
     method: str
     uniform: LinearFormat | None = None
     mixed: MixedSpec | None = None
+    rounding: str = dataclasses.field(default=NEAREST, repr=False)
 
 
 def groupwise(bits: int) -> LinearFormat:
     return linear_format(WEIGHT_ONLY.format(bits=bits), row_groups=QBERT_ROW_GROUPS)
+
+
+def kgroups(bits: int, activations: str = WEIGHT_ONLY) -> LinearFormat:
+    return linear_format(activations.format(bits=bits), group_size=K_GROUP)
 
 
 def row_specs() -> list[RowSpec]:
@@ -176,6 +201,14 @@ def row_specs() -> list[RowSpec]:
     for spec in MIXED:
         rows.append(RowSpec(f"hessian-{spec.tag}", f"Hessian mixed {spec.name}", "hessian", mixed=spec))
         rows.append(RowSpec(f"reverse-{spec.tag}", f"reverse mixed {spec.name}", "reverse", mixed=spec))
+    k_rows = [(f"w{bits}-g{K_GROUP}", f"W{bits} g{K_GROUP}", kgroups(bits)) for bits in UNIFORM_BITS]
+    k_rows.append((f"w{W4A8_BITS}a8-g{K_GROUP}", f"W{W4A8_BITS}A8 g{K_GROUP}", kgroups(W4A8_BITS, INT8_ACTIVATIONS)))
+    rows += [RowSpec(key, label, "kgroup", uniform=fmt) for key, label, fmt in k_rows]
+    rows += [RowSpec(f"gptq-{key}", f"GPTQ {label}", "gptq", uniform=fmt, rounding=GPTQ) for key, label, fmt in k_rows]
+    rows += [RowSpec(f"gptq-w{bits}-groupwise", f"GPTQ W{bits} groupwise (rows{QBERT_ROW_GROUPS})", "gptq",
+                     uniform=groupwise(bits), rounding=GPTQ) for bits in UNIFORM_BITS]
+    rows += [RowSpec(f"gptq-hessian-{spec.tag}", f"GPTQ Hessian mixed {spec.name}", "gptq-hessian", mixed=spec,
+                     rounding=GPTQ) for spec in MIXED]
     return rows
 
 
@@ -424,16 +457,43 @@ def mirrored(model: nn.Module, estimates: dict[str, TraceEstimate]) -> dict[str,
     return {name: curvature[other] * size[name] for name, other in zip(ascending, reversed(ascending))}
 
 
-def plan_for(row: RowSpec, model: nn.Module, estimates: dict[str, TraceEstimate]) -> dict[str, LinearFormat]:
+def plan_for(row: RowSpec, model: nn.Module, estimates: dict[str, TraceEstimate],
+             calibration: list[dict]) -> dict[str, LinearFormat]:
+    """The row's formats per layer; a mixed GPTQ row allocates with the GPTQ-aware HAWQ-V2 cost."""
     names = encoder_linears(model)
     if row.uniform is not None:
         return {name: row.uniform for name in names}
     spec = row.mixed
     budget = (Budget(bits_per_weight=spec.budget_bits) if spec.budget_bits is not None
               else Budget(megabytes=uniform_size(model, groupwise(spec.budget_uniform_bits), names) / MB))
-    curvature = estimates if row.method == "hessian" else mirrored(model, estimates)
-    sensitivity = hawq_sensitivity(model, curvature, [groupwise(bits) for bits in spec.bits])
+    curvature = estimates if row.method != "reverse" else mirrored(model, estimates)
+    formats = [groupwise(bits) for bits in spec.bits]
+    if row.rounding == GPTQ:
+        sensitivity = hawq_sensitivity(model, curvature, formats, rounding=GPTQ, calibration=calibration)
+    else:
+        sensitivity = hawq_sensitivity(model, curvature, formats)
     return dict(allocate(model, sensitivity, budget, ties=default_ties(model), method="milp").layers)
+
+
+def calibration_batches(data: Split, batches: int, batch_size: int, seed: int) -> list[dict]:
+    """The first ``batches`` batches of a seeded shuffle of ``data``: model inputs only (GPTQ needs no labels)."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).split(batch_size)
+    return [data.batch(index) for index in order[:batches]]
+
+
+def layer_error_ratios(quantized: nn.Module, fp32: nn.Module, plan: dict[str, LinearFormat],
+                       batches: list[dict]) -> dict[str, float]:
+    """Per layer: reconstruction_error of the quantized model's weight / that of round to nearest, both
+    under the H of the inputs the layer sees in ``quantized`` on ``batches``."""
+    ratios = {}
+    for names, hessian in input_hessians(quantized, list(plan), batches, progress=False):
+        for name in names:
+            weight = fp32.get_submodule(name).weight
+            chosen = quantized.get_submodule(name).dequantized_weight()
+            nearest = fake_quantize_weight(weight, plan[name])
+            ratios[name] = (reconstruction_error(weight, chosen, hessian)
+                            / reconstruction_error(weight, nearest, hessian))
+    return ratios
 
 
 # ---- rows -----------------------------------------------------------------------------------------
@@ -447,9 +507,11 @@ class RowResult:
     megabytes: float
     bits_per_weight: float
     accuracy: float  # PTQ (fp32 row: the float model)
-    accuracy_qat: float | None  # after QAT recovery + convert; None for fp32
+    accuracy_qat: float | None  # after QAT recovery + convert; None for fp32 and GPTQ rows
     qat_seconds_per_step: float | None
     seconds: float
+    rounding: str = NEAREST
+    worst_layer_error_ratio: float | None = None  # GPTQ rows: max over layers of GPTQ / RTN reconstruction error
 
 
 def size_of(model: nn.Module, names: list[str]) -> tuple[float, float]:
@@ -481,7 +543,16 @@ def run_row(row: RowSpec, fp32: nn.Module, teacher: torch.Tensor, data: tuple[Sp
         acc = accuracy(fp32, test_data, settings.eval_batch_size, "eval fp32", progress)
         return RowResult(row.key, row.label, row.method, "float32", mb, bits, acc, None, None,
                          time.perf_counter() - start)
-    plan = plan_for(row, fp32, estimates)
+    calibration = calibration_batches(train_data, settings.gptq_batches, settings.gptq_batch_size, settings.seed)
+    plan = plan_for(row, fp32, estimates, calibration)
+    if row.rounding == GPTQ:
+        ptq = qbert.quantize(copy.deepcopy(fp32), plan, rounding=GPTQ, calibration=calibration, progress=progress)
+        mb, bits = size_of(ptq, names)
+        acc = accuracy(ptq, test_data, settings.eval_batch_size, f"eval {row.key}", progress)
+        held_out = calibration_batches(test_data, settings.gptq_batches, settings.gptq_batch_size, settings.seed)
+        ratios = layer_error_ratios(ptq, fp32, plan, held_out)
+        return RowResult(row.key, row.label, row.method, describe_plan(fp32, plan), mb, bits, acc, None, None,
+                         time.perf_counter() - start, rounding=GPTQ, worst_layer_error_ratio=max(ratios.values()))
     ptq = qbert.quantize(copy.deepcopy(fp32), plan)
     mb, bits = size_of(ptq, names)
     acc = accuracy(ptq, test_data, settings.eval_batch_size, f"eval {row.key}", progress)
@@ -506,6 +577,7 @@ def acceptance(results: list[RowResult]) -> list[str]:
             ok = fp - acc <= W8A8_TOLERANCE_POINTS
             lines.append(f"W8A8 {stage} {acc:.2f} vs fp32 {fp:.2f}: {'within' if ok else 'NOT within'} "
                          f"{W8A8_TOLERANCE_POINTS} points")
+    lines += gptq_acceptance(by_key)
     for spec in MIXED:
         hess, rev = by_key.get(f"hessian-{spec.tag}"), by_key.get(f"reverse-{spec.tag}")
         uni = by_key.get(f"w{spec.budget_uniform_bits}-groupwise") if spec.budget_uniform_bits else None
@@ -525,6 +597,42 @@ def acceptance(results: list[RowResult]) -> list[str]:
     return lines
 
 
+def gptq_acceptance(by_key: dict[str, RowResult]) -> list[str]:
+    """GPTQ's goals (``GPTQ_TARGETS`` against fp32), GPTQ vs round to nearest per configuration, every
+    layer's reconstruction error, and Hessian-guided mixed vs uniform GPTQ at equal size."""
+    lines = []
+    fp = by_key["fp32"].accuracy if "fp32" in by_key else None
+    for bits, points in GPTQ_TARGETS.items():
+        row = by_key.get(f"gptq-w{bits}-g{K_GROUP}")
+        if row is not None and fp is not None:
+            ok = fp - row.accuracy <= points
+            lines.append(f"GPTQ W{bits}A16 g{K_GROUP} {row.accuracy:.2f} vs fp32 {fp:.2f}: "
+                         f"{'within' if ok else 'NOT within'} {points:g} points, no training")
+    for key, row in by_key.items():
+        if row.rounding != GPTQ:
+            continue
+        nearest = by_key.get(key.removeprefix("gptq-"))
+        if nearest is not None:
+            lines.append(f"{row.label}: {row.accuracy:.2f} vs round to nearest {nearest.accuracy:.2f} "
+                         f"({row.accuracy - nearest.accuracy:+.2f} points, PTQ)")
+        worst = row.worst_layer_error_ratio
+        lines.append(f"{row.label}: reconstruction error below round to nearest's on "
+                     f"{'every layer' if worst < 1 else 'NOT every layer'} (worst layer GPTQ / RTN {worst:.3f})")
+    for spec in MIXED:
+        mixed = by_key.get(f"gptq-hessian-{spec.tag}")
+        uniform = (by_key.get(f"gptq-w{spec.budget_uniform_bits}-groupwise") if spec.budget_uniform_bits
+                   else None)
+        if mixed is not None and uniform is not None:
+            lines.append(f"GPTQ {spec.name}: Hessian mixed {mixed.accuracy:.2f} ({mixed.megabytes:.3f} MB) "
+                         f"{'>=' if mixed.accuracy >= uniform.accuracy else '<'} uniform GPTQ "
+                         f"W{spec.budget_uniform_bits} {uniform.accuracy:.2f} ({uniform.megabytes:.3f} MB)")
+    return lines
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -538,19 +646,24 @@ def markdown(results: list[RowResult], meta: dict[str, Any]) -> str:
         "",
         ("Accuracy in % on the test split; size = exact bytes of the 36 encoder Linear weights (codes + scales + "
          f"zeros; MB = 10^6 bytes). QAT: {meta['settings']['qat_steps']} steps of straight-through "
-         "fake-quant training distilled from the fp32 logits, then converted to QLinear."),
+         "fake-quant training distilled from the fp32 logits, then converted to QLinear. GPTQ rows: Hessian-aware "
+         f"rounding from {meta['settings']['gptq_batches']} x {meta['settings']['gptq_batch_size']} unlabeled "
+         "training articles, no training; 'layer error' = the worst layer's reconstruction error tr(dW H dW^T) "
+         "relative to round to nearest's, H from held-out test articles as each layer sees them."),
         "",
-        "| row | formats | MB | bits/weight | accuracy (PTQ) | accuracy (+ QAT) |",
-        "|---|---|---|---|---|---|",
+        "| row | formats | rounding | MB | bits/weight | accuracy (PTQ) | accuracy (+ QAT) | layer error GPTQ / RTN |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r.label} | {r.formats} | {r.megabytes:.3f} | {r.bits_per_weight:.3f} | "
-                     f"{_pct(r.accuracy)} | {_pct(r.accuracy_qat)} |")
+        lines.append(f"| {r.label} | {r.formats} | {r.rounding if r.method != 'fp32' else '—'} | {r.megabytes:.3f} | "
+                     f"{r.bits_per_weight:.3f} | {_pct(r.accuracy)} | {_pct(r.accuracy_qat)} | "
+                     f"{_ratio(r.worst_layer_error_ratio)} |")
     lines += ["", "Acceptance checks:", ""] + [f"- {line}" for line in acceptance(results)]
     return "\n".join(lines) + "\n"
 
 
-MARKERS = {"fp32": "*", "w8a8": "D", "directq": "v", "groupwise": "o", "hessian": "s", "reverse": "X"}
+MARKERS = {"fp32": "*", "w8a8": "D", "directq": "v", "groupwise": "o", "hessian": "s", "reverse": "X", "kgroup": "^",
+           "gptq": "P", "gptq-hessian": "p"}
 PLOT_TICKS_MB = (2, 3, 4, 5, 6, 8, 10, 20, 40)  # MiniLM's encoder: 2.7 MB (W2) to 42.5 MB (fp32)
 
 
@@ -651,6 +764,8 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
         parts = (fp32_key, settings.subset(*QAT_FIELDS), repr(spec))
         if spec.mixed is not None:
             parts += (settings.subset(*HESSIAN_FIELDS),)
+        if spec.rounding != NEAREST:
+            parts += (spec.rounding, settings.subset(*GPTQ_FIELDS))
         path = cache / f"row-{cache_key('row', *parts)}.json"
         if path.exists():
             results.append(RowResult(**json.loads(path.read_text())))

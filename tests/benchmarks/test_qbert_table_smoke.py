@@ -33,8 +33,12 @@ def test_smoke_writes_every_row(tmp_path):
         assert 0 <= row["accuracy"] <= T.ACCURACY_POINTS, key
         if key == "fp32":
             assert row["accuracy_qat"] is None and row["bits_per_weight"] == 32
+        elif row["rounding"] == "gptq":  # post-training only: no QAT, and each layer compared with RTN's
+            assert key.startswith("gptq-") and row["accuracy_qat"] is None, key
+            assert 0 < row["worst_layer_error_ratio"] < float("inf"), key
         else:
             assert 0 <= row["accuracy_qat"] <= T.ACCURACY_POINTS, key
+            assert row["worst_layer_error_ratio"] is None, key
     # Sizes follow the formats: uniform rows at their width (plus the row groups' scales and zeros), mixed
     # rows within their budget.
     assert rows["w8a8"]["bits_per_weight"] > rows["w4-groupwise"]["bits_per_weight"] > \
@@ -42,6 +46,10 @@ def test_smoke_writes_every_row(tmp_path):
     assert rows["hessian-24"]["megabytes"] <= rows["w3-groupwise"]["megabytes"]
     assert rows["reverse-24"]["megabytes"] <= rows["w3-groupwise"]["megabytes"]
     assert rows["hessian-23"]["bits_per_weight"] <= T.MIXED[0].budget_bits
+    assert rows["gptq-hessian-24"]["megabytes"] <= rows["gptq-w3-groupwise"]["megabytes"]
+    for bits in T.UNIFORM_BITS:  # GPTQ changes the codes, not the format
+        for config in (f"w{bits}-g{T.K_GROUP}", f"w{bits}-groupwise"):
+            assert rows[f"gptq-{config}"]["megabytes"] == rows[config]["megabytes"], config
     assert len(data["acceptance"]) > 0
     # A rerun finds every row (and the fp32 model and the traces) in the cache.
     cached = sorted(cache.iterdir())
