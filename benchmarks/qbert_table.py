@@ -137,7 +137,9 @@ GPTQ_FIELDS = ("gptq_batches", "gptq_batch_size")
 # training step (16 x 128 tokens) ~1.0 s, a QAT step ~0.85 s (no dropout, fake quant included), one joint
 # Hutchinson probe on one batch ~2.7 s, an evaluation of the 445 test articles 3-7 s. So: fp32 336 steps
 # ~6 min, traces 24 probes x 2 batches ~2 min, 15 quantized rows x 80 QAT steps ~17 min, evaluations ~2 min:
-# ~28 min. The report's meta records the measured times of the run.
+# ~28 min. The GPTQ rows add ~1.5 min each (calibration forwards, 36 layers, the held-out layer errors) and
+# ~4 min each for the mixed ones (the GPTQ-aware sensitivities): ~50 min in all. The report's meta records the
+# measured times of the run.
 FULL = Settings(max_length=128, batch_size=16, eval_batch_size=64, fp32_epochs=3, fp32_lr=1e-4, qat_steps=80,
                 qat_lr=5e-5, hessian_batches=2, hessian_batch_size=16, hessian_probes=24, articles_per_class=None)
 # Smoke: a few articles per class, one step of everything, every row configured.
