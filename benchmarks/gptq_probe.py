@@ -28,9 +28,7 @@ then the test split is embedded by the quantized encoder. Each row reports:
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -191,7 +189,7 @@ class RowResult:
 
 def encoder_linears(encoder: nn.Module) -> list[str]:
     """The names of the encoder's ``nn.Linear`` layers; there must be ``ENCODER_LINEARS`` of them."""
-    names = [n for n, m in encoder.named_modules() if type(m) is nn.Linear and n.startswith(ENCODER_PREFIX)]
+    names = T.encoder_linears(encoder, ENCODER_PREFIX)
     if len(names) != ENCODER_LINEARS:
         raise RuntimeError(f"{SUITE}: expected {ENCODER_LINEARS} nn.Linear layers under {ENCODER_PREFIX!r}, "
                            f"the model has {len(names)}")
@@ -325,24 +323,7 @@ def plot(results: list[RowResult], path: Path) -> Path | None:
 
 
 def write(results: list[RowResult], meta: dict[str, Any], out_dir: Path) -> tuple[dict[str, Path], str]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / H.report_stem(meta, torch.device("cpu"))
-    paths = {s: stem.with_suffix(f".{s}") for s in ("json", "csv", "md")}
-    rows = [dataclasses.asdict(r) for r in results]
-    paths["json"].write_text(json.dumps({"meta": meta, "results": rows, "checks": checks(results)}, indent=2,
-                                        default=str) + "\n")
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([f"# {k}={v}" for k, v in meta.items()])
-        fields = [field.name for field in dataclasses.fields(RowResult)]
-        writer.writerow(fields)
-        writer.writerows([[row[k] for k in fields] for row in rows])
-    text = markdown(results, meta)
-    paths["md"].write_text(text)
-    png = plot(results, stem.with_suffix(".png"))
-    if png is not None:
-        paths["png"] = png
-    return paths, text
+    return T.write_report(results, meta, out_dir, ("checks", checks(results)), markdown(results, meta), plot)
 
 
 def as_harness_results(results: list[RowResult]) -> list[H.Result]:

@@ -55,6 +55,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -334,8 +335,9 @@ def load_encoder() -> nn.Module:
         logging.set_verbosity(verbosity)
 
 
-def encoder_linears(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith("bert.encoder.")]
+def encoder_linears(model: nn.Module, prefix: str = "bert.encoder.") -> list[str]:
+    """The ``nn.Linear`` layers under ``prefix`` (the classifier's encoder by default)."""
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith(prefix)]
 
 
 # ---- training and evaluation ----------------------------------------------------------------------
@@ -710,25 +712,31 @@ def plot(results: list[RowResult], path: Path) -> Path | None:
     return path
 
 
-def write(results: list[RowResult], meta: dict[str, Any], out_dir: Path) -> tuple[dict[str, Path], str]:
+def write_report(results: list, meta: dict[str, Any], out_dir: Path, checks: tuple[str, list[str]], text: str,
+                 draw: Callable[[list, Path], Path | None]) -> tuple[dict[str, Path], str]:
+    """Write ``<stem>.json`` (meta, rows, and ``checks`` as its ``(key, lines)``), ``.csv``, ``.md`` (``text``)
+    and the plot ``draw(results, png path)`` makes (None: none written) for dataclass rows ``results``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / H.report_stem(meta, torch.device("cpu"))
     paths = {s: stem.with_suffix(f".{s}") for s in ("json", "csv", "md")}
     rows = [dataclasses.asdict(r) for r in results]
-    paths["json"].write_text(json.dumps({"meta": meta, "results": rows, "acceptance": acceptance(results)},
-                                        indent=2, default=str) + "\n")
+    key, lines = checks
+    paths["json"].write_text(json.dumps({"meta": meta, "results": rows, key: lines}, indent=2, default=str) + "\n")
     with paths["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([f"# {k}={v}" for k, v in meta.items()])
-        fields = [field.name for field in dataclasses.fields(RowResult)]
+        fields = [field.name for field in dataclasses.fields(results[0])]
         writer.writerow(fields)
         writer.writerows([[row[k] for k in fields] for row in rows])
-    text = markdown(results, meta)
     paths["md"].write_text(text)
-    png = plot(results, stem.with_suffix(".png"))
+    png = draw(results, stem.with_suffix(".png"))
     if png is not None:
         paths["png"] = png
     return paths, text
+
+
+def write(results: list[RowResult], meta: dict[str, Any], out_dir: Path) -> tuple[dict[str, Path], str]:
+    return write_report(results, meta, out_dir, ("acceptance", acceptance(results)), markdown(results, meta), plot)
 
 
 def as_harness_results(results: list[RowResult]) -> list[H.Result]:

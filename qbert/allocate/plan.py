@@ -104,12 +104,7 @@ class Plan:
         layers = data.get("layers")
         if not isinstance(layers, dict):
             raise PlanError(f"{source}: 'layers' must be an object mapping module names to formats")
-        parsed = {}
-        for name, entry in layers.items():
-            try:
-                parsed[name] = LinearFormat.from_dict(entry)
-            except (ValueError, TypeError) as exc:
-                raise PlanError(f"{source}: layer {name!r}: {exc}") from exc
+        parsed = _parse_entries(layers, LinearFormat.from_dict, f"{source}: layer")
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise PlanError(f"{source}: 'meta' must be an object")
@@ -118,12 +113,7 @@ class Plan:
             raise PlanError(f"{source}: a version 1 plan has no 'rounding' (version 2 added it)")
         if not isinstance(rounding, dict):
             raise PlanError(f"{source}: 'rounding' must be an object mapping module names to roundings")
-        parsed_rounding = {}
-        for name, entry in rounding.items():
-            try:
-                parsed_rounding[name] = Rounding.from_dict(entry)
-            except (ValueError, TypeError) as exc:
-                raise PlanError(f"{source}: rounding of {name!r}: {exc}") from exc
+        parsed_rounding = _parse_entries(rounding, Rounding.from_dict, f"{source}: rounding of")
         try:
             return cls(parsed, meta, parsed_rounding)
         except PlanError as exc:
@@ -157,6 +147,17 @@ class Plan:
         except UnicodeDecodeError as exc:
             raise PlanError(f"{path}: not a plan: not UTF-8 text ({exc})") from exc
         return cls.from_json(text, source=path)
+
+
+def _parse_entries(entries: dict, parse, where: str) -> dict:
+    """``{name: parse(entry)}``; an entry ``parse`` refuses is a ``PlanError`` ``"<where> 'name': <why>"``."""
+    parsed = {}
+    for name, entry in entries.items():
+        try:
+            parsed[name] = parse(entry)
+        except (ValueError, TypeError) as exc:
+            raise PlanError(f"{where} {name!r}: {exc}") from exc
+    return parsed
 
 
 class _RepeatedKeys(ValueError):

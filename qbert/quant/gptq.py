@@ -71,10 +71,10 @@ class _Grid:
         self.int8 = not fmt.packed
         self.scheme: LowBitScheme | None = None if self.int8 else fmt.scheme
         self.lazy = not self.int8 and self.scheme.group_size is not None and not act_order
-        if self.int8:
-            amax = weight.abs().amax(dim=1)
-            scale = amax / torch.full_like(amax, INT8_QMAX)  # qbert.ops.quantize_per_token's rule
-            self.row_scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # [N]
+        if self.int8:  # the int8 storage's scales: qbert.ops.quantize_per_token of the rows, as QLinear has them
+            from qbert import ops
+
+            self.row_scale = ops.quantize_per_token(weight.contiguous())[1]  # [N]
             return
         self.group = self.scheme.kernel_group_size(k)
         if self.lazy:

@@ -77,6 +77,17 @@ W8A8 = {"name": "w8a8", "weight_bits": 8, "activation_bits": 8, "symmetric": Tru
         "row_groups": None}
 
 
+def _assert_refused_in_file_and_text(tmp_path, data: dict, match: str) -> None:
+    """``data`` is a PlanError matching ``match`` after the source: ``Plan.load`` names the file,
+    ``Plan.from_json`` the default source ``plan``."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=f"^{path}: {match}"):
+        Plan.load(path)
+    with pytest.raises(PlanError, match=f"^plan: {match}"):
+        Plan.from_json(json.dumps(data))
+
+
 @pytest.mark.parametrize("change,match", [
     (_with_entry({**W8A8, "group_size": 64}), "w8a8 is per-channel symmetric int8 and takes no group_size"),
     (_with_entry({**W8A8, "symmetric": False}), "w8a8 is per-channel symmetric int8 and takes no group_size"),
@@ -100,12 +111,7 @@ W8A8 = {"name": "w8a8", "weight_bits": 8, "activation_bits": 8, "symmetric": Tru
 def test_an_entry_no_format_serves_is_refused_with_the_layer_name(tmp_path, change, match):
     data = json.loads(_plan().to_json())
     change(data)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(PlanError, match=f"{path}: layer 'b': .*{match}"):
-        Plan.load(path)
-    with pytest.raises(PlanError, match=f"^plan: layer 'b': .*{match}"):
-        Plan.from_json(json.dumps(data))
+    _assert_refused_in_file_and_text(tmp_path, data, f"layer 'b': .*{match}")
 
 
 def test_a_layer_listed_twice_is_refused(tmp_path):
@@ -218,12 +224,7 @@ def test_rounding_of_a_layer_without_a_format_is_refused(tmp_path):
 def test_a_bad_rounding_entry_is_refused_with_the_layer_name(tmp_path, entry, match):
     data = json.loads(_plan().to_json())
     data["rounding"] = {"a.query": entry}
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(PlanError, match=f"^{path}: rounding of 'a.query': .*{match}"):
-        Plan.load(path)
-    with pytest.raises(PlanError, match=f"^plan: rounding of 'a.query': .*{match}"):
-        Plan.from_json(json.dumps(data))
+    _assert_refused_in_file_and_text(tmp_path, data, f"rounding of 'a.query': .*{match}")
 
 
 def test_rounding_must_be_an_object(tmp_path):
