@@ -359,12 +359,8 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
     for fmt, rounding in tqdm(configs, desc=SUITE, unit="row", disable=not progress):
         results.append(quantized_row(fp32, fmt, rounding, calibration, test_data, reference, probe, settings,
                                      progress))
-    meta = H.environment(torch.device("cpu"), threads, SUITE, smoke=smoke, settings=dataclasses.asdict(settings),
-                         classes=classes, train_articles=len(train_data), test_articles=len(test_data),
-                         model_package=f"{T.MODEL_PIP_NAME} {H.package_version(T.MODEL_PIP_NAME)}",
-                         data_package=f"{T.DATA_PIP_NAME} {H.package_version(T.DATA_PIP_NAME)}",
-                         probe=fit, train_embed_seconds=train_embed_seconds,
-                         wall_seconds=time.perf_counter() - started)
+    meta = T.environment(SUITE, threads, smoke, settings, (train_data, test_data), classes, probe=fit,
+                         train_embed_seconds=train_embed_seconds, wall_seconds=time.perf_counter() - started)
     paths, text = write(results, meta, out_dir)
     return H.BenchOutput(as_harness_results(results), meta, paths, text)
 

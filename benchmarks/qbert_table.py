@@ -783,14 +783,21 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
         result = run_row(spec, model, teacher, (train_data, test_data), settings, estimates, progress)
         path.write_text(json.dumps(dataclasses.asdict(result), indent=2))
         results.append(result)
-    meta = H.environment(torch.device("cpu"), threads, SUITE, smoke=smoke, settings=dataclasses.asdict(settings),
-                         classes=classes, train_articles=len(train_data), test_articles=len(test_data),
-                         model_package=f"{MODEL_PIP_NAME} {H.package_version(MODEL_PIP_NAME)}",
-                         data_package=f"{DATA_PIP_NAME} {H.package_version(DATA_PIP_NAME)}",
-                         fp32_training=fp32_record, hessian_seconds=trace_seconds,
-                         wall_seconds=time.perf_counter() - started)
+    meta = environment(SUITE, threads, smoke, settings, (train_data, test_data), classes, fp32_training=fp32_record,
+                       hessian_seconds=trace_seconds, wall_seconds=time.perf_counter() - started)
     paths, text = write(results, meta, out_dir)
     return H.BenchOutput(as_harness_results(results), meta, paths, text)
+
+
+def environment(suite: str, threads: int, smoke: bool, settings, data: tuple[Split, Split], classes: list[str],
+                **extra: Any) -> dict[str, Any]:
+    """``_harness.environment`` with what a BBC News / MiniLM report states: settings, classes, split sizes
+    and the data and model packages' versions."""
+    train_data, test_data = data
+    return H.environment(torch.device("cpu"), threads, suite, smoke=smoke, settings=dataclasses.asdict(settings),
+                         classes=classes, train_articles=len(train_data), test_articles=len(test_data),
+                         model_package=f"{MODEL_PIP_NAME} {H.package_version(MODEL_PIP_NAME)}",
+                         data_package=f"{DATA_PIP_NAME} {H.package_version(DATA_PIP_NAME)}", **extra)
 
 
 def main(argv: list[str] | None = None) -> H.BenchOutput:
