@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -72,7 +73,8 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
     group_size, row_groups, symmetric: overrides of a mode's defaults (``linear_format``); e.g.
         ``quantize(model, "w4a16", group_size=64)``; ``group_size=-1`` means one range per output channel.
     skip: fnmatch globs over module names (``model.named_modules()``) to leave in float; a pattern that
-        matches a module also covers everything below it (``"bert.encoder.layer.0"``).
+        matches a module also covers everything below it (``"bert.encoder.layer.0"``). A pattern that
+        matches no module is an error (a misspelt name would otherwise quantize what it meant to keep).
     include_head: also quantize the task heads (classifier, QA, MLM heads, ...). Heads come from the
         family glue in ``qbert.models``; tied MLM decoders are heads, so they stay float by default.
     fuse: install the fused W8A8 chain (``qbert.nn.fused``) where the layers are w8a8 and the family
@@ -150,6 +152,7 @@ def swap_linears(model: nn.Module, mode, skip, include_head: bool, group_size: i
     plan, plan_rounding = _plan_layers(mode, caller)
     if plan is None:
         fmt = linear_format(mode, group_size=group_size, row_groups=row_groups, symmetric=symmetric)
+        _check_skip_matches(model, tuple(skip), caller)
         chosen = _uniform_choice(aliases, fmt, family, tuple(skip), include_head)
         label = fmt.describe()
     else:
@@ -284,6 +287,15 @@ def _nothing_to_quantize(model: nn.Module, caller: str, aliases, chosen: dict,
 def _some(names: list[str]) -> str:
     shown = ", ".join(names[:_NAMES_SHOWN])
     return shown + ", ..." if len(names) > _NAMES_SHOWN else shown
+
+
+def _check_skip_matches(model: nn.Module, skip: tuple[str, ...], caller: str) -> None:
+    """A skip pattern that matches no module name is a typo, not a choice: refuse it (naming some names)."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    for pattern in skip:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"{caller}: skip pattern {pattern!r} matches no module of {type(model).__name__} "
+                             f"(module names look like {_some(names)})")
 
 
 def _uniform_choice(aliases, fmt: LinearFormat, family, skip: tuple[str, ...], include_head: bool) -> dict:

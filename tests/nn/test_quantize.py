@@ -8,6 +8,7 @@ import qbert
 from qbert.models import FAMILIES, generic_family, model_type_of
 from qbert.models._family import first_match
 from qbert.nn import FORMATS, QLinear
+from qbert.nn.qat import prepare_qat
 from tests.nn._tiny_models import BASE_MODELS, HEAD_MODELS, build, first_output, linear_names, sqnr_db
 
 # Quality tier: the last hidden state of a quantized tiny random-init encoder against the fp32 model, by
@@ -305,3 +306,12 @@ def test_option_types_are_checked(kwargs, option, wanted, got):
 def test_linear_format_checks_option_types(kwargs, match):
     with pytest.raises(TypeError, match=match):
         qbert.nn.linear_format(**{"mode": "w4a16", **kwargs})
+
+
+@pytest.mark.parametrize("quantize", [qbert.quantize, prepare_qat], ids=["quantize", "prepare_qat"])
+def test_a_skip_pattern_that_matches_no_module_is_refused(quantize):
+    model = _TwoNamesForOneLinear()
+    with pytest.raises(ValueError, match=r"skip pattern 'blokc' matches no module of _TwoNamesForOneLinear "
+                                         r"\(module names look like first, block"):
+        quantize(model, "w8a8", skip=("block", "blokc"))
+    assert not any(isinstance(m, QLinear) for m in model.modules())
