@@ -16,6 +16,7 @@ from qbert.allocate.plan import Plan
 from qbert.io import QuantizedFileError, load_quantized, save_quantized
 from qbert.nn import QLinear, quantize
 from qbert.ops import BackendError, FallbackWarning, use_backend
+from qbert.prune import prune_ffn, prune_heads, prune_layers
 from qbert.sparse import BlockLayout, sparsify_attention
 
 __version__ = "0.1.0"
@@ -67,6 +68,9 @@ __all__ = [
            "__version__",
            "load_quantized",
            "ops",
+           "prune_ffn",
+           "prune_heads",
+           "prune_layers",
            "quantize",
            "save_quantized",
            "sparsify_attention",
