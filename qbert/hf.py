@@ -18,17 +18,26 @@ quantized after loading, once transformers has tied them. Then the fused W8A8 ch
 (``qbert.nn.fused.fuse``) and ``model.qbert_summary`` recorded, exactly as ``qbert.quantize`` does: the
 result equals ``qbert.quantize(float_model, same format)``, buffer for buffer.
 
+A pruned model (``qbert.prune``: config.json's ``qbert_pruning`` records each layer's heads and neurons)
+is resized to that record first (``qbert.prune.structure.apply_structure``), in both cases.
+
 Loading a qbert directory (config.json names ``quant_method: "qbert"``): the config's ``layers`` (the
 ``qbert.layers`` entries of ``qbert.io``) place empty QLinears on the meta device, and before anything
 real is allocated the checkpoint's safetensors headers are checked as ``load_quantized`` checks a file
-(qbert metadata, the same layers, tensor names, shapes and dtypes); after loading, the SHA-256 checksum.
+(qbert metadata, the same layers, the placeholders, tensor names, shapes and dtypes); after loading, the
+SHA-256 checksum. The checked placeholders, which the model has no place for, are named in the model's
+``_keys_to_ignore_on_load_unexpected`` while the weights load, so transformers drops them without a load
+report.
 
-``model.save_pretrained`` writes the tensors ``qbert.save_quantized`` writes (``qbert.io``), with the same
-qbert metadata in the safetensors header.
+``model.save_pretrained`` writes the tensors ``qbert.save_quantized`` writes (``qbert.io``: the placeholders
+too), with the same qbert metadata in the safetensors header.
 
 Without ``import qbert``, transformers does not know ``quant_method: "qbert"``: it logs "Unknown
-quantization type, got qbert ... we will skip the quantization" and loads the float architecture with the
-quantized layers' weights missing (randomly initialized, listed in its load report). Import qbert first.
+quantization type, got qbert ... we will skip the quantization" and builds the float architecture. The
+checkpoint holds, at each quantized layer's ``<name>.weight``, a placeholder of a shape no float weight has
+(``qbert.io.PLACEHOLDER_SHAPE``), so the load report lists those weights as size mismatches and
+``from_pretrained`` raises ``RuntimeError`` instead of returning randomly initialized layers
+(``ignore_mismatched_sizes=True`` asks for exactly those). Import qbert first.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -197,6 +207,7 @@ class QbertHfQuantizer(HfQuantizer):
         self._summary: QuantizeSummary | None = None
         self._source = ""
         self._metadata: dict[str, str] = {}
+        self._ignored: set[str] = set()  # patterns added to the model's _keys_to_ignore_on_load_unexpected
 
     def is_serializable(self) -> bool:
         return True
@@ -208,6 +219,10 @@ class QbertHfQuantizer(HfQuantizer):
     # ---- before the weights load (the model is on the meta device) ------------------------------------
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        try:  # a pruned model's config.json records its shapes: the skeleton is resized to them
+            io.apply_pruning(model.config.name_or_path, model)
+        except io.QuantizedFileError as exc:
+            raise io.QuantizedFileError(f"from_pretrained: {exc}") from exc
         if self.pre_quantized:
             self._place_saved_layers(model, checkpoint_files)
         else:
@@ -254,11 +269,17 @@ class QbertHfQuantizer(HfQuantizer):
             if str(model.dtype).removeprefix("torch.") != saved_dtype:  # the skeleton is in the load's dtype
                 raise io.QuantizedFileError(f"{self._source}: the quantized model was saved in {saved_dtype}; "
                                             f"load it with dtype={saved_dtype} or 'auto', not {model.dtype}")
+            stored, placeholders = io.split_placeholders(self._source, self._metadata, stored, specs)
             for spec in specs:
                 io.place_qlinear(self._source, model, *spec)
             io.check_tensors(self._source, model, stored, tied=_tied_outside_qlinears(model))
         except io.QuantizedFileError as exc:
             raise io.QuantizedFileError(f"from_pretrained: {exc}") from exc
+        # The checked placeholders are checkpoint tensors the model has no place for: transformers drops them
+        # as unexpected keys; these patterns (exact names) keep them out of its load report.
+        self._ignored = {f"^{re.escape(name)}$" for name in placeholders}
+        ignored = set(model._keys_to_ignore_on_load_unexpected or ())
+        model._keys_to_ignore_on_load_unexpected = ignored | self._ignored
 
     # ---- while the weights load (quantizing a float checkpoint) -------------------------------------
 
@@ -296,6 +317,7 @@ class QbertHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         if self.pre_quantized:
+            model._keys_to_ignore_on_load_unexpected -= self._ignored  # the load report is written
             try:
                 io.check_checksum(self._source, self._metadata, model)
             except io.QuantizedFileError as exc:
@@ -316,7 +338,8 @@ class QbertHfQuantizer(HfQuantizer):
     # ---- save_pretrained ----------------------------------------------------------------------------
 
     def get_state_dict_and_metadata(self, model):
-        """The tensors and safetensors metadata ``qbert.save_quantized`` writes (config.json's layers too)."""
+        """The tensors (placeholders included) and safetensors metadata ``qbert.save_quantized`` writes
+        (config.json's layers too)."""
         self.quantization_config.layers = io.layer_entries(model)
         return io.tensors_to_save(model), io.file_metadata(model)
 

@@ -5,16 +5,19 @@ A directory is the Hugging Face layout (``save_pretrained`` of a model quantized
 whose ``layers`` are the entries below, and ``model.safetensors``, a file as described here (the names of
 shared tensors are those ``safetensors.torch.save_model`` keeps, ``tensors_to_save``).
 
-File layout: the tensors of ``model.state_dict()`` (shared tensors stored once, by
-``safetensors.torch.save_model``), and string metadata:
+File layout: the tensors of ``model.state_dict()`` (shared tensors stored once, under the names
+``tensors_to_save`` keeps), from version 4 a placeholder ``<name>.weight`` for every name of every QLinear
+(``PLACEHOLDER_SHAPE``, ``PLACEHOLDER_DTYPE``: an empty uint8 tensor, which transformers cannot load into a
+float ``nn.Linear`` and so refuses a qbert directory loaded without ``import qbert``; ``placeholders``), and
+string metadata:
 
 =========================  ===================================================================
 key                        value
 =========================  ===================================================================
 ``qbert.format``           ``"qbert.quantized"``
-``qbert.format_version``   ``"3"`` (``FORMAT_VERSION``; versions 1 and 2, which have no checksum, still
-                           load, with a warning to save them again; a reader refuses versions it does
-                           not know)
+``qbert.format_version``   ``"4"`` (``FORMAT_VERSION``; version 3, which has no placeholders, still
+                           loads, and so do versions 1 and 2, which have no checksum either, with a
+                           warning to save them again; a reader refuses versions it does not know)
 ``qbert.model_class``      the transformers class name, e.g. ``"BertForMaskedLM"``, of a family in
                            ``qbert.models.FAMILIES``
 ``qbert.config``           the model config as JSON (``config.to_json_string(use_diff=False)``)
@@ -24,7 +27,8 @@ key                        value
                            row_groups), "in_features": K, "out_features": N, "bias": true,
                            "bias_dtype": "float32" | null}`` (a shared layer lists all its names;
                            version 1 entries have no "format": their mode is an int8 mode)
-``qbert.checksum``         ``"sha256:<hex>"`` of the state_dict (``state_dict_checksum``); version 3 on
+``qbert.checksum``         ``"sha256:<hex>"`` of the state_dict (``state_dict_checksum``; the
+                           placeholders are no part of it); version 3 on
 ``qbert.version``          the qbert version that wrote the file (informational)
 =========================  ===================================================================
 
@@ -32,9 +36,12 @@ A file is data, never code. ``load_quantized`` trusts nothing in it but the name
 own model classes of qbert's families and qbert's formats, and refuses, before it builds anything real:
 a model class outside those families or whose ``model_type`` differs from the config's; a config that
 names remote code (``REMOTE_CODE_KEYS``) or an implementation other than transformers' built-in
-attention (``BUILT_IN_IMPLEMENTATIONS``), or whose fields have the wrong types; malformed layer entries;
-and tensors whose names, shapes or dtypes differ from those of the model rebuilt from the metadata on the
-meta device. Only then does it build the model on the CPU, load the tensors and verify the checksum.
+attention (``BUILT_IN_IMPLEMENTATIONS``), or whose fields have the wrong types; a pruning record
+(``config.qbert_pruning`` of ``qbert.prune``, checked as the model is built on the meta device and resized
+to it) that does not fit the model; malformed layer entries; placeholders missing, of another shape or
+dtype, or for a layer that is not quantized; and tensors whose names, shapes or dtypes differ from those
+of the model rebuilt from the metadata on the meta device. Only then does it build the model on the CPU,
+load the tensors (the placeholders are dropped) and verify the checksum.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import warnings
 
 import safetensors
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 
 from qbert.models import FAMILIES
@@ -59,11 +66,22 @@ from qbert.nn.formats import INT8_MODES, LinearFormat
 from qbert.nn.fused import fuse
 from qbert.nn.qlinear import QLinear
 from qbert.ops._checks import FLOAT_DTYPES
+from qbert.prune.structure import RECORD_ATTR, PruneError, apply_structure
 
 FORMAT_NAME = "qbert.quantized"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 CHECKSUM_SINCE_VERSION = 3
+PLACEHOLDERS_SINCE_VERSION = 4
+
+# The placeholder stored as ``<name>.weight`` for every name of every QLinear (version 4 on). Without
+# ``import qbert``, transformers skips the unknown quant_method "qbert" and builds the float model, whose
+# nn.Linear at that name wants a 2-D float weight [out, in]: finding this tensor instead, whose shape no such
+# weight has, it lists the weight as a size mismatch in its load report and raises, where without the
+# placeholder the weight would be missing and silently initialized at random. Empty: it costs no data.
+PLACEHOLDER_SUFFIX = ".weight"
+PLACEHOLDER_SHAPE = (0,)
+PLACEHOLDER_DTYPE = torch.uint8
 
 KEY_FORMAT = "qbert.format"
 KEY_FORMAT_VERSION = "qbert.format_version"
@@ -151,7 +169,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=directory)
     os.close(fd)
     try:
-        save_model(model, tmp, metadata=metadata)
+        save_file(tensors_to_save(model), tmp, metadata=metadata)
         os.chmod(tmp, _FILE_MODE)
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
@@ -198,14 +216,24 @@ def _save_directory(model: nn.Module, directory: str) -> None:
 
 
 def tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with each group of shared tensors (tied weights, a layer reachable by several
-    names) under one name, the first in sorted order: the names ``safetensors.torch.save_model`` keeps, so a
-    directory's ``model.safetensors`` and a ``save_quantized`` file hold the same names."""
+    """What a file holds: ``model.state_dict()`` with each group of shared tensors (tied weights, a layer
+    reachable by several names) under one name, the first in sorted order (the name
+    ``safetensors.torch.save_model`` keeps), and the ``placeholders``. A ``save_quantized`` file and a
+    directory's ``model.safetensors`` (``QbertHfQuantizer.get_state_dict_and_metadata``) hold these."""
     state = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
     for name, tensor in state.items():
         groups.setdefault(id(tensor), []).append(name)
-    return {min(names): state[min(names)].detach().contiguous() for names in groups.values()}
+    tensors = {min(names): state[min(names)].detach().contiguous() for names in groups.values()}
+    return tensors | placeholders(model)  # a QLinear has no tensor named weight: no name clashes
+
+
+def placeholders(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``<name>.weight`` -> an empty uint8 tensor (``PLACEHOLDER_SHAPE``, ``PLACEHOLDER_DTYPE``) for every
+    name of every QLinear: what makes transformers refuse the file without ``import qbert`` (see
+    ``PLACEHOLDER_SUFFIX``)."""
+    return {f"{name}{PLACEHOLDER_SUFFIX}": torch.empty(PLACEHOLDER_SHAPE, dtype=PLACEHOLDER_DTYPE)
+            for entry in layer_entries(model) for name in entry["names"]}
 
 
 def _process_running(pid: int) -> bool:
@@ -288,7 +316,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     Raises ``QuantizedFileError`` naming the file and the problem for a missing file, a directory without
     those files (or with a sharded checkpoint), a corrupt file, a missing or unknown format or format
     version, a model class outside qbert's families, a config that names remote code or a non-built-in
-    implementation or has fields of the wrong type, malformed layer entries, tensors whose names, shapes
+    implementation or has fields of the wrong type, malformed layer entries, placeholders (version 4)
+    missing, of another shape or dtype or for a layer that is not quantized, tensors whose names, shapes
     or dtypes do not match the model rebuilt from the metadata (checked on the meta device, before
     anything real is built), or a checksum mismatch.
     """
@@ -308,15 +337,20 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
         raise QuantizedFileError(f"load_quantized: {path}: float dtype {metadata[KEY_FLOAT_DTYPE]!r} is not "
                                  f"one of {', '.join(_FLOAT_DTYPES)}")
     layers = _layer_specs(path, metadata)
+    stored, placeholder_names = split_placeholders(path, metadata, stored, layers)
     with torch.device("meta"):
         skeleton = _build(path, model_class, config, dtype, layers)
     check_tensors(path, skeleton, stored)
 
     model = _build(path, model_class, config, dtype, layers)
     try:
-        load_model(model, path, strict=True)
+        missing, unexpected = load_model(model, path, strict=False)
     except safetensors.SafetensorError as exc:
         raise QuantizedFileError(f"load_quantized: {path}: the tensor data cannot be read: {exc}") from exc
+    unexpected = sorted(set(unexpected) - placeholder_names)
+    if missing or unexpected:  # the file changed since its header was checked
+        raise QuantizedFileError(f"load_quantized: {path}: the tensors read do not match its header: missing "
+                                 f"{sorted(missing)}, unexpected {unexpected}")
     check_checksum(path, metadata, model)
     if fused:
         fuse(model)  # the fused modules keep every parameter's name
@@ -583,7 +617,8 @@ def _entry_format(entry: dict) -> LinearFormat | str:
 
 
 def _build(path: str, model_class: type, config, dtype: torch.dtype, layers: list[_LayerSpec]) -> nn.Module:
-    """``model_class(config)`` in ``dtype`` with an empty QLinear at every layer entry's names.
+    """``model_class(config)`` in ``dtype``, resized to the config's pruning record (``apply_pruning``), with
+    an empty QLinear at every layer entry's names.
 
     On the default device: under ``torch.device("meta")`` nothing is allocated (and transformers skips
     the weight initialization).
@@ -593,9 +628,22 @@ def _build(path: str, model_class: type, config, dtype: torch.dtype, layers: lis
     except _BUILD_ERRORS as exc:
         raise QuantizedFileError(f"load_quantized: {path}: the config cannot build {model_class.__name__}: "
                                  f"{type(exc).__name__}: {exc}") from exc
+    apply_pruning(path, model)
     for spec in layers:
         place_qlinear(path, model, *spec)
     return model
+
+
+def apply_pruning(path: str, model: nn.Module) -> None:
+    """Resize a model just built from a saved config to the per-layer head and neuron counts of its
+    ``config.qbert_pruning`` (``qbert.prune.structure.apply_structure``; no record: nothing to do). The record
+    is checked first (version, fields, one count per layer, counts in 1..the config's built sizes): a bad
+    one is a QuantizedFileError naming the file."""
+    try:
+        apply_structure(model)
+    except PruneError as exc:
+        raise QuantizedFileError(f"load_quantized: {path}: the config's pruning record ({RECORD_ATTR!r}) "
+                                 f"does not fit the {type(model).__name__} it builds: {exc}") from exc
 
 
 def place_qlinear(path: str, model: nn.Module, names: list[str], in_features: int, out_features: int,
@@ -619,6 +667,45 @@ def place_qlinear(path: str, model: nn.Module, names: list[str], in_features: in
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, qlinear)
+
+
+def split_placeholders(path: str, metadata: dict[str, str], stored: dict[str, tuple[list[int], str]],
+                       layers: list[_LayerSpec]) -> tuple[dict[str, tuple[list[int], str]], set[str]]:
+    """``stored`` without the placeholders, and their names, after checking them: from version 4 on, exactly
+    one ``<name>.weight`` of ``PLACEHOLDER_SHAPE`` and ``PLACEHOLDER_DTYPE`` for every name of every layer
+    entry, and no tensor of that shape and dtype named for a layer that is not quantized. Older versions have
+    none (a ``.weight`` of a quantized layer there is an unexpected tensor to ``check_tensors``)."""
+    if int(metadata[KEY_FORMAT_VERSION]) < PLACEHOLDERS_SINCE_VERSION:
+        return stored, set()
+    expected = {f"{name}{PLACEHOLDER_SUFFIX}" for spec in layers for name in spec[0]}
+    missing = sorted(expected - set(stored))
+    if missing:
+        raise QuantizedFileError(f"load_quantized: {path}: the placeholder tensors {missing} are missing; "
+                                 f"format version {metadata[KEY_FORMAT_VERSION]} stores a {_placeholder()} "
+                                 f"tensor '<name>{PLACEHOLDER_SUFFIX}' for every name of every quantized "
+                                 f"layer")
+    for key in sorted(expected):
+        if not _is_placeholder(stored[key]):
+            shape, dtype_name = stored[key]
+            dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
+            raise QuantizedFileError(f"load_quantized: {path}: tensor {key!r} is {shape} {dtype} in the "
+                                     f"file, but the placeholder of a quantized layer is {_placeholder()}")
+    stray = sorted(key for key, header in stored.items()
+                   if key not in expected and key.endswith(PLACEHOLDER_SUFFIX) and _is_placeholder(header))
+    if stray:
+        raise QuantizedFileError(f"load_quantized: {path}: tensors {stray} are placeholders "
+                                 f"({_placeholder()}) of layers that are not quantized (not in the metadata "
+                                 f"{KEY_LAYERS!r})")
+    return {key: header for key, header in stored.items() if key not in expected}, expected
+
+
+def _is_placeholder(header: tuple[list[int], str]) -> bool:
+    shape, dtype_name = header
+    return shape == list(PLACEHOLDER_SHAPE) and _SAFETENSORS_DTYPES.get(dtype_name) == PLACEHOLDER_DTYPE
+
+
+def _placeholder() -> str:
+    return f"{list(PLACEHOLDER_SHAPE)} {PLACEHOLDER_DTYPE}"
 
 
 def check_tensors(path: str, skeleton: nn.Module, stored: dict[str, tuple[list[int], str]],

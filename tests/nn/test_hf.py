@@ -1,9 +1,9 @@
 """qbert.QbertConfig with transformers: quantize while loading, save_pretrained / from_pretrained round trips,
-directory saves and loads in qbert.io, bad configs and directories, and what happens without ``import qbert``."""
+directory saves and loads in qbert.io, bad configs and directories, and import order (transformers without
+qbert: tests/nn/test_hf_without_qbert.py)."""
 
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
@@ -16,7 +16,14 @@ from safetensors import safe_open
 import qbert
 import qbert.hf
 from qbert.hf import QbertConfig, QbertHfQuantizer
-from qbert.io import CONFIG_NAME, KEY_CHECKSUM, KEY_LAYERS, SHARDED_INDEX_NAME, WEIGHTS_NAME
+from qbert.io import (
+    CONFIG_NAME,
+    KEY_CHECKSUM,
+    KEY_LAYERS,
+    PLACEHOLDER_SUFFIX,
+    SHARDED_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 from qbert.nn import QLinear, linear_format
 from tests.nn._tiny_models import build, first_output
 from tests.nn.test_io_hostile import nothing_real  # noqa: F401 (fixture)
@@ -144,14 +151,22 @@ def test_quantizing_on_load_holds_one_float_layer_at_a_time(float_dirs, monkeypa
     assert len(alive) == len(model.qbert_summary.swapped) and set(alive) == {1}
 
 
-@pytest.mark.parametrize("class_name", ["BertForMaskedLM", "RobertaForMaskedLM", "AlbertForPreTraining"])
+@pytest.mark.parametrize("class_name,options", [
+    pytest.param("BertForMaskedLM", {}, id="bert-mlm"),
+    pytest.param("BertForMaskedLM", {"include_head": True}, id="bert-mlm-quantized-tied-decoder"),
+    pytest.param("RobertaForMaskedLM", {}, id="roberta-mlm"),
+    pytest.param("AlbertForPreTraining", {}, id="albert-pretraining"),
+])
 def test_a_save_quantized_file_and_a_save_pretrained_directory_hold_the_same_tensors(float_dirs, tmp_path,
-                                                                                    class_name):
-    model = _quantized_on_load(float_dirs, class_name, None, "w8a8", {})
+                                                                                    class_name, options):
+    model = _quantized_on_load(float_dirs, class_name, None, "w8a8", options)
     file = tmp_path / "model.safetensors"
     qbert.save_quantized(model, file)
     model.save_pretrained(tmp_path / "dir")
+    placeholders = {f"{name}{PLACEHOLDER_SUFFIX}" for name, m in model.named_modules(remove_duplicate=False)
+                    if isinstance(m, QLinear)}
     with safe_open(file, framework="pt") as a, safe_open(tmp_path / "dir" / WEIGHTS_NAME, framework="pt") as b:
+        assert placeholders <= set(a.keys())
         assert sorted(a.keys()) == sorted(b.keys())
         for key in a.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
@@ -306,6 +321,17 @@ def _widen_query_scale(tensors) -> None:
     tensors["bert.encoder.layer.0.attention.self.query.w_scale"] = torch.ones(65)
 
 
+QUERY = "bert.encoder.layer.0.attention.self.query"
+
+
+def _float_query_weight(tensors) -> None:
+    tensors[f"{QUERY}.weight"] = torch.zeros(64, 64)
+
+
+def _placeholder_for_the_classifier(tensors) -> None:
+    tensors["classifier.weight"] = tensors[f"{QUERY}.weight"]
+
+
 def _drop_a_layer(config) -> None:
     config["quantization_config"]["layers"].pop()
 
@@ -320,6 +346,13 @@ BAD_DIRECTORIES = [
                  r"lacks the metadata \['qbert.checksum'\]", id="no-checksum"),
     pytest.param(lambda d: _rewrite_weights(d, change_metadata=lambda m: m.clear()),
                  "is not a qbert quantized model", id="not-qbert-weights"),
+    pytest.param(lambda d: _rewrite_weights(d, change_tensors=lambda t: t.pop(f"{QUERY}.weight")),
+                 rf"the placeholder tensors \['{QUERY}.weight'\] are missing", id="placeholder-missing"),
+    pytest.param(lambda d: _rewrite_weights(d, change_tensors=_float_query_weight),
+                 rf"tensor '{QUERY}.weight' is \[64, 64\] torch.float32 in the file, but the placeholder of a "
+                 rf"quantized layer is \[0\] torch.uint8", id="placeholder-a-float-weight"),
+    pytest.param(lambda d: _rewrite_weights(d, change_tensors=_placeholder_for_the_classifier),
+                 r"tensors \['classifier.weight'\] are placeholders", id="placeholder-for-a-float-layer"),
 ]
 
 
@@ -347,6 +380,14 @@ def test_from_pretrained_checks_the_checksum(saved_dir):
     _flip_a_data_byte(saved_dir)
     with pytest.raises(qbert.QuantizedFileError, match="from_pretrained: load_quantized: .*checksum mismatch"):
         _from_pretrained(saved_dir)
+
+
+def test_from_pretrained_drops_the_placeholders_without_a_word(saved_dir, caplog):
+    model, info = _from_pretrained(saved_dir, output_loading_info=True)
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+    assert "LOAD REPORT" not in caplog.text
+    fresh = transformers.BertForSequenceClassification(model.config)._keys_to_ignore_on_load_unexpected
+    assert model._keys_to_ignore_on_load_unexpected == fresh  # qbert's patterns are gone after the load
 
 
 def test_from_pretrained_refuses_layers_missing_from_the_config(saved_dir):
@@ -407,18 +448,6 @@ def test_import_qbert_is_all_from_pretrained_needs(saved_dir, imports):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["QbertHfQuantizer", "w8a8"]
 
-
-@pytest.mark.slow
-def test_without_qbert_transformers_skips_the_quantization_and_says_so(saved_dir):
-    # Documented behaviour (qbert.hf): transformers names the unknown quant_method and loads the float
-    # architecture with the quantized layers' weights missing, which its load report lists.
-    done = _python("import transformers\n"
-                   f"model = transformers.AutoModelForSequenceClassification.from_pretrained({str(saved_dir)!r})\n"
-                   "print(sorted(k for k in model.state_dict() if k.endswith('w_q')))")
-    assert done.returncode == 0, done.stderr
-    assert "Unknown quantization type, got qbert" in done.stderr
-    assert re.search(r"attention\.self\.query\.w_q +\| UNEXPECTED", done.stderr)  # the load report
-    assert done.stdout.strip() == "[]"
 
 
 # ---- sharded directories, and a file's own quantization_config -------------------------------------

@@ -12,8 +12,20 @@ from torch import nn
 
 import qbert
 import qbert.io
-from qbert.io import (FORMAT_NAME, FORMAT_VERSION, KEY_CHECKSUM, KEY_CONFIG, KEY_FORMAT, KEY_FORMAT_VERSION,
-                      KEY_LAYERS, TEMP_SUFFIX)
+from qbert.io import (
+    CHECKSUM_SINCE_VERSION,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    KEY_CHECKSUM,
+    KEY_CONFIG,
+    KEY_FORMAT,
+    KEY_FORMAT_VERSION,
+    KEY_LAYERS,
+    PLACEHOLDER_DTYPE,
+    PLACEHOLDER_SHAPE,
+    PLACEHOLDER_SUFFIX,
+    TEMP_SUFFIX,
+)
 from qbert.nn import QLinear
 from tests.nn._tiny_models import build, first_output, linear_names
 
@@ -118,12 +130,12 @@ def test_metadata_layout(saved):
 def test_a_failed_save_leaves_the_earlier_file_intact(saved, monkeypatch):
     before = saved.read_bytes()
 
-    def write_half_then_fail(model, filename, metadata=None):
+    def write_half_then_fail(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(before[: len(before) // 2])
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(qbert.io, "save_model", write_half_then_fail)
+    monkeypatch.setattr(qbert.io, "save_file", write_half_then_fail)
     with pytest.raises(OSError, match="No space left on device"):
         qbert.save_quantized(_quantized("BertModel", "w8a16"), saved)
     assert saved.read_bytes() == before
@@ -140,11 +152,11 @@ def _dead_pid() -> int:
 def test_a_save_writes_a_temp_file_named_for_its_target_and_process(saved, monkeypatch):
     written = []
 
-    def record_then_fail(model, filename, metadata=None):
+    def record_then_fail(tensors, filename, metadata=None):
         written.append(os.path.basename(filename))
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(qbert.io, "save_model", record_then_fail)
+    monkeypatch.setattr(qbert.io, "save_file", record_then_fail)
     with pytest.raises(OSError, match="No space left on device"):
         qbert.save_quantized(_quantized("BertModel"), saved)
     assert re.fullmatch(rf"\.{re.escape(FILE_NAME)}\.{os.getpid()}\.[a-z0-9_]+{re.escape(TEMP_SUFFIX)}",
@@ -167,20 +179,112 @@ def test_a_save_removes_the_temp_files_a_killed_save_left(saved):
     assert sorted(os.listdir(saved.parent)) == sorted([FILE_NAME, *kept])
 
 
+def _drop_placeholders(tensors) -> None:
+    """A version 4 file's tensors as versions 1-3 store them: without the placeholders."""
+    for key, tensor in list(tensors.items()):
+        if tensor.shape == PLACEHOLDER_SHAPE and tensor.dtype == PLACEHOLDER_DTYPE:
+            del tensors[key]
+
+
+def _as_version(version: int):
+    def change(metadata):
+        metadata[KEY_FORMAT_VERSION] = str(version)
+        if version < CHECKSUM_SINCE_VERSION:
+            del metadata[KEY_CHECKSUM]
+    return change
+
+
+def test_a_version_3_file_loads_without_placeholders(tmp_path):
+    model = _quantized("BertModel", "w4a16")
+    path = tmp_path / FILE_NAME
+    qbert.save_quantized(model, path)
+    _rewrite(path, change_metadata=_as_version(3), change_tensors=_drop_placeholders)
+    assert torch.equal(first_output(qbert.load_quantized(path)), first_output(model))
+
+
 def test_an_older_version_file_loads_with_a_warning_to_save_it_again(tmp_path):
     model = _quantized("BertModel")
     path = tmp_path / FILE_NAME
     qbert.save_quantized(model, path)
-
-    def as_version_2(metadata):
-        metadata[KEY_FORMAT_VERSION] = "2"
-        del metadata[KEY_CHECKSUM]
-
-    _rewrite(path, change_metadata=as_version_2)
+    _rewrite(path, change_metadata=_as_version(2), change_tensors=_drop_placeholders)
     with pytest.warns(UserWarning, match=f"{_quoted(path)} has format version 2, which has no checksum.*"
                                          f"save the model again with this qbert"):
         loaded = qbert.load_quantized(path)
     assert torch.equal(first_output(loaded), first_output(model))
+
+
+# ---- placeholders (format version 4) ----------------------------------------------------------------
+
+def _placeholder_keys(path) -> list[str]:
+    with safe_open(path, framework="pt") as f:
+        return sorted(k for k in f.keys() if f.get_slice(k).get_shape() == list(PLACEHOLDER_SHAPE)  # noqa: SIM118
+                      and f.get_slice(k).get_dtype() == "U8")
+
+
+def test_a_file_holds_a_placeholder_for_every_name_of_every_quantized_layer(tmp_path):
+    model = build("BertModel")
+    model.pooler.alias = model.encoder.layer[0].output.dense  # one layer, two names
+    qbert.quantize(model, "w8a8")
+    path = tmp_path / FILE_NAME
+    qbert.save_quantized(model, path)
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QLinear)]
+    assert "pooler.alias" in names
+    assert _placeholder_keys(path) == sorted(f"{name}{PLACEHOLDER_SUFFIX}" for name in names)
+    with safe_open(path, framework="pt") as f:  # the checksum is the state_dict's, placeholders excluded
+        assert f.metadata()[KEY_CHECKSUM] == qbert.io.state_dict_checksum(model.state_dict())
+
+
+def _placeholder_of(key: str, tensor: torch.Tensor):
+    return lambda tensors: tensors.update({key: tensor})
+
+
+QUERY = "bert.encoder.layer.0.attention.self.query"
+
+
+@pytest.mark.parametrize("change_tensors,problem", [
+    pytest.param(lambda t: t.pop(f"{QUERY}.weight"),
+                 rf"the placeholder tensors \['{QUERY}.weight'\] are missing; format version 4 stores a "
+                 rf"\[0\] torch.uint8 tensor", id="missing"),
+    pytest.param(_placeholder_of(f"{QUERY}.weight", torch.empty(0, dtype=torch.int8)),
+                 rf"tensor '{QUERY}.weight' is \[0\] torch.int8 in the file, but the placeholder of a "
+                 rf"quantized layer is \[0\] torch.uint8", id="wrong-dtype"),
+    pytest.param(_placeholder_of(f"{QUERY}.weight", torch.zeros(64, 64)),
+                 rf"tensor '{QUERY}.weight' is \[64, 64\] torch.float32 in the file, but the placeholder",
+                 id="a-float-weight"),
+    pytest.param(_placeholder_of("classifier.weight", torch.empty(0, dtype=torch.uint8)),
+                 r"tensors \['classifier.weight'\] are placeholders \(\[0\] torch.uint8\) of layers that are "
+                 r"not quantized", id="for-a-float-layer"),
+    pytest.param(_placeholder_of("bert.pooler.weight", torch.empty(0, dtype=torch.uint8)),
+                 r"tensors \['bert.pooler.weight'\] are placeholders", id="for-no-layer"),
+])
+def test_a_bad_placeholder_is_an_error_naming_the_file(saved, change_tensors, problem):
+    _rewrite(saved, change_tensors=change_tensors)
+    with pytest.raises(qbert.QuantizedFileError, match=f"{_quoted(saved)}: {problem}"):
+        qbert.load_quantized(saved)
+
+
+def test_a_placeholder_in_a_version_3_file_is_an_unexpected_tensor(saved):
+    def keep_one_placeholder(tensors):
+        query = tensors[f"{QUERY}.weight"]
+        _drop_placeholders(tensors)
+        tensors[f"{QUERY}.weight"] = query
+
+    _rewrite(saved, change_metadata=_as_version(3), change_tensors=keep_one_placeholder)
+    with pytest.raises(qbert.QuantizedFileError, match=rf"unexpected \['{QUERY}.weight'\]"):
+        qbert.load_quantized(saved)
+
+
+def test_a_file_changed_after_its_header_was_checked_is_an_error(saved, monkeypatch):
+    check = qbert.io.check_tensors
+
+    def check_then_change_the_file(*args, **kwargs):
+        check(*args, **kwargs)
+        _rewrite(saved, change_tensors=lambda t: t.pop("bert.pooler.dense.bias"))
+
+    monkeypatch.setattr(qbert.io, "check_tensors", check_then_change_the_file)
+    with pytest.raises(qbert.QuantizedFileError, match=r"the tensors read do not match its header: missing "
+                                                       r"\['bert.pooler.dense.bias'\], unexpected \[\]"):
+        qbert.load_quantized(saved)
 
 
 @pytest.mark.parametrize("cut", [
@@ -198,7 +302,7 @@ def test_a_corrupt_file_is_an_error_naming_it(saved, cut):
 @pytest.mark.parametrize("change,match", [
     pytest.param(lambda m: m.pop(KEY_FORMAT_VERSION), "has no format version", id="missing-version"),
     pytest.param(lambda m: m.update({KEY_FORMAT_VERSION: str(FORMAT_VERSION + 1)}),
-                 f"has format version '{FORMAT_VERSION + 1}'; this qbert reads versions 1, 2, 3",
+                 f"has format version '{FORMAT_VERSION + 1}'; this qbert reads versions 1, 2, 3, 4",
                  id="future-version"),
     pytest.param(lambda m: m.pop(KEY_FORMAT), "is not a qbert quantized model", id="missing-format"),
     pytest.param(lambda m: m.update({"qbert.model_class": "NotAModel"}), "'NotAModel' is not a transformers",
