@@ -126,7 +126,8 @@ RECOVERY_FIELDS = ("recovery_steps", "recovery_lr")
 # batches ~1 min; float recovery 4 x 120 steps ~7 min; QAT recovery 4 x 120 steps ~6 min; traces of 9 models
 # x 12 probes x 1 batch ~4.5 min; 31 evaluations of the 444 test articles ~5 min (the low-bit A16 rows ~20 s
 # each); latency, 31 rows x 10 rounds ~4 min: ~28 min, plus ~6 min for the fp32 fine-tuning when it is not
-# cached yet. The report's meta records the measured times.
+# cached yet. The report's meta records the measured times; the first full run (2026-12-07) took 30 min with
+# the fp32 fine-tuning: recovery 6.6 + 6.4 min, traces 4.4, evaluations 3.0, latency 2.1, scores 0.3.
 FULL = Settings(table=dataclasses.replace(T.FULL, hessian_batches=1, hessian_probes=12), recovery_steps=120,
                 recovery_lr=1e-4, score_batches=8, score_batch_size=16, latency_batch=32, latency_warmup=1,
                 latency_repeats=9)
