@@ -289,7 +289,6 @@ def plot(results: list[RowResult], path: Path) -> Path | None:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -307,11 +306,7 @@ def plot(results: list[RowResult], path: Path) -> Path | None:
             color, (marker, size, zorder) = colors[r.format], MARKERS[activation_bits[r.format]]
             ax.scatter([r.megabytes], [getattr(r, attr)], marker=marker, s=size, zorder=zorder, edgecolors=color,
                        facecolors=color if r.rounding == GPTQ else "none", label=r.label)
-        ax.set_xscale("log")
-        ax.set_xticks(T.PLOT_TICKS_MB)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("encoder Linear weights (MB, log scale)")
+        T.megabytes_axis(ax)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))

@@ -435,16 +435,11 @@ def traces(model: nn.Module, settings: Settings, train_data: Split, fp32_key: st
     if path.exists():
         record = json.loads(path.read_text())
         return {n: TraceEstimate(tuple(s)) for n, s in record["samples"].items()}, record["seconds"]
-    generator = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(len(train_data), generator=generator).split(settings.hessian_batch_size)
-    batches = [dict(train_data.batch(i), labels=train_data.labels[i]) for i in order[:settings.hessian_batches]]
-
-    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return F.cross_entropy(m(**inputs).logits, batch["labels"])
-
+    batches = calibration_batches(train_data, settings.hessian_batches, settings.hessian_batch_size, settings.seed,
+                                  labels=True)
     start = time.perf_counter()
-    result = hutchinson_traces(model, encoder_linears(model), batches, loss_fn, probes=settings.hessian_probes,
+    result = hutchinson_traces(model, encoder_linears(model), batches, classification_loss,
+                               probes=settings.hessian_probes,
                                joint=True, seed=settings.seed, progress=progress)
     seconds = time.perf_counter() - start
     path.write_text(json.dumps({"samples": {n: list(t.samples) for n, t in result.items()}, "seconds": seconds}))
@@ -479,10 +474,18 @@ def plan_for(row: RowSpec, model: nn.Module, estimates: dict[str, TraceEstimate]
     return dict(allocate(model, sensitivity, budget, ties=default_ties(model), method="milp").layers)
 
 
-def calibration_batches(data: Split, batches: int, batch_size: int, seed: int) -> list[dict]:
-    """The first ``batches`` batches of a seeded shuffle of ``data``: model inputs only (GPTQ needs no labels)."""
+def calibration_batches(data: Split, batches: int, batch_size: int, seed: int, labels: bool = False) -> list[dict]:
+    """The first ``batches`` batches of a seeded shuffle of ``data``: model inputs only (GPTQ needs no labels),
+    or with ``labels`` (for ``classification_loss``)."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).split(batch_size)
-    return [data.batch(index) for index in order[:batches]]
+    return [dict(data.batch(index), labels=data.labels[index]) if labels else data.batch(index)
+            for index in order[:batches]]
+
+
+def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of ``model``'s logits on ``batch`` (model inputs + ``labels``)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return F.cross_entropy(model(**inputs).logits, batch["labels"])
 
 
 def layer_error_ratios(quantized: nn.Module, fp32: nn.Module, plan: dict[str, LinearFormat],
@@ -671,6 +674,17 @@ MARKERS = {"fp32": "*", "w8a8": "D", "directq": "v", "groupwise": "o", "hessian"
 PLOT_TICKS_MB = (2, 3, 4, 5, 6, 8, 10, 20, 40)  # MiniLM's encoder: 2.7 MB (W2) to 42.5 MB (fp32)
 
 
+def megabytes_axis(ax) -> None:
+    """The x axis of a plot over encoder weight sizes: log scale, ticks at ``PLOT_TICKS_MB`` in plain numbers."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log")
+    ax.set_xticks(PLOT_TICKS_MB)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("encoder Linear weights (MB, log scale)")
+
+
 def plot(results: list[RowResult], path: Path) -> Path | None:
     """Accuracy vs MB, one marker per method; hollow = PTQ, filled = after QAT; None without matplotlib."""
     try:
@@ -680,7 +694,6 @@ def plot(results: list[RowResult], path: Path) -> Path | None:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = dict(zip(MARKERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -697,11 +710,7 @@ def plot(results: list[RowResult], path: Path) -> Path | None:
         if qat:
             ax.scatter([r.megabytes for r in qat], [r.accuracy_qat for r in qat], marker=marker,
                        color=colors[method], label=f"{method} + QAT")
-    ax.set_xscale("log")
-    ax.set_xticks(PLOT_TICKS_MB)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("encoder Linear weights (MB, log scale)")
+    megabytes_axis(ax)
     ax.set_ylabel("BBC News test accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
@@ -750,17 +759,23 @@ def as_harness_results(results: list[RowResult]) -> list[H.Result]:
 
 # ---- driver ---------------------------------------------------------------------------------------
 
+def select_rows(suite: str, specs: list, rows: list[str] | None) -> list:
+    """The row specs whose ``key`` is in ``rows`` (None: all), the ``"fp32"`` baseline always; an unknown key
+    is an error naming the known ones."""
+    if rows is None:
+        return specs
+    unknown = sorted(set(rows) - {s.key for s in specs})
+    if unknown:
+        raise ValueError(f"{suite}: unknown rows {unknown}; known: {', '.join(s.key for s in specs)}")
+    return [s for s in specs if s.key in rows or s.key == "fp32"]
+
+
 def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAULT_THREADS,
         cache: Path | None = None, rows: list[str] | None = None, progress: bool = True) -> H.BenchOutput:
     settings = SMOKE if smoke else FULL
     out_dir = Path(out_dir) if out_dir is not None else (H.SMOKE_RESULTS_DIR if smoke else H.DEFAULT_RESULTS_DIR)
     cache = Path(cache) if cache is not None else DEFAULT_CACHE
-    specs = row_specs()
-    if rows is not None:
-        unknown = sorted(set(rows) - {s.key for s in specs})
-        if unknown:
-            raise ValueError(f"{SUITE}: unknown rows {unknown}; known: {', '.join(s.key for s in specs)}")
-        specs = [s for s in specs if s.key in rows or s.key == "fp32"]
+    specs = select_rows(SUITE, row_specs(), rows)
     H.set_threads(threads)
     started = time.perf_counter()
     train_data, test_data, classes = load_data(settings, load_tokenizer())

@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from qbert.benchmarks import _harness as H
 from qbert.benchmarks import qbert_table as T
 from torch import nn
@@ -213,18 +212,6 @@ class RowResult:
 
 # ---- helpers --------------------------------------------------------------------------------------
 
-def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy of ``model``'s logits on ``batch`` (model inputs + ``labels``)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return F.cross_entropy(model(**inputs).logits, batch["labels"])
-
-
-def labelled_batches(data: T.Split, batches: int, batch_size: int, seed: int) -> list[dict]:
-    """The first ``batches`` batches of a seeded shuffle of ``data``, with their labels."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).split(batch_size)
-    return [dict(data.batch(index), labels=data.labels[index]) for index in order[:batches]]
-
-
 def w8a8_plan(model: nn.Module) -> dict[str, LinearFormat]:
     return {name: W8A8 for name in T.encoder_linears(model)}
 
@@ -318,11 +305,12 @@ class Runner:
         fake-quantized copy (``on`` W8A8_SCORES: gradients through the straight-through estimator)."""
         if (kind, on) not in self._scores:
             s = self.settings
-            batches = labelled_batches(self.train_data, s.score_batches, s.score_batch_size, s.table.seed)
+            batches = T.calibration_batches(self.train_data, s.score_batches, s.score_batch_size, s.table.seed,
+                                            labels=True)
             model = self.fp32 if on == FLOAT_SCORES else prepare_qat(copy.deepcopy(self.fp32), w8a8_plan(self.fp32))
             importance = head_importance if kind == HEADS else neuron_importance
             with self.timed("scores"):
-                self._scores[(kind, on)] = importance(model, batches, classification_loss, method=TAYLOR,
+                self._scores[(kind, on)] = importance(model, batches, T.classification_loss, method=TAYLOR,
                                                       progress=self.progress)
         return self._scores[(kind, on)]
 
@@ -568,7 +556,6 @@ def markdown(results: list[RowResult], meta: dict[str, Any]) -> str:
 
 
 MARKERS = {"fp32": "o", "W8A8 PTQ": "s", "Hessian mixed PTQ": "^", "W8A8 QAT": "D"}
-PLOT_TICKS_MB = (2, 3, 4, 5, 6, 8, 10, 20, 40)
 FRONT_FONT_SIZE = 6
 
 
@@ -582,14 +569,13 @@ def plot(results: list[RowResult], path: Path) -> Path | None:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
     from matplotlib.lines import Line2D
 
     prunings = ["none"] + [p.label for p in PRUNINGS]
     colors = dict(zip(prunings, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
     for ax, attr, xlabel in ((axes[0], "latency_ms", "CPU latency of one batch (ms)"),
-                             (axes[1], "megabytes", "encoder Linear weights (MB, log scale)")):
+                             (axes[1], "megabytes", None)):
         rows = [r for r in results if getattr(r, attr) is not None]
         for r in rows:
             color = colors[r.pruning]
@@ -600,11 +586,9 @@ def plot(results: list[RowResult], path: Path) -> Path | None:
         for x, y, label in front:
             ax.annotate(label, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=FRONT_FONT_SIZE)
         if attr == "megabytes":
-            ax.set_xscale("log")
-            ax.set_xticks(PLOT_TICKS_MB)
-            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(xlabel)
+            T.megabytes_axis(ax)
+        else:
+            ax.set_xlabel(xlabel)
         ax.set_ylabel("BBC News test accuracy (%)")
         ax.grid(True, alpha=0.3)
     handles = [Line2D([], [], linestyle="", marker="o", color=colors[p], label=p) for p in prunings]
@@ -641,12 +625,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
     settings = SMOKE if smoke else FULL
     out_dir = Path(out_dir) if out_dir is not None else (H.SMOKE_RESULTS_DIR if smoke else H.DEFAULT_RESULTS_DIR)
     cache = Path(cache) if cache is not None else DEFAULT_CACHE
-    specs = row_specs()
-    if rows is not None:
-        unknown = sorted(set(rows) - {s.key for s in specs})
-        if unknown:
-            raise ValueError(f"{SUITE}: unknown rows {unknown}; known: {', '.join(s.key for s in specs)}")
-        specs = [s for s in specs if s.key in rows or s.key == "fp32"]
+    specs = T.select_rows(SUITE, row_specs(), rows)
     H.set_threads(threads)
     load_start = os.getloadavg()
     started = time.perf_counter()
