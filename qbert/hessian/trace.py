@@ -61,8 +61,9 @@ def _stderr(samples: Sequence[float]) -> float:
     return math.sqrt(math.fsum((t - mean) ** 2 for t in samples) / (p - 1) / p)
 
 
-def _rademacher(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    # Drawn on the CPU from one generator, so the probes do not depend on the device.
+def rademacher(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A probe of +-1 entries shaped like ``weight`` (float32, on its device), drawn on the CPU from
+    ``generator`` so that the probes do not depend on the device (every Hutchinson estimate in qbert)."""
     bits = torch.randint(0, 2, weight.shape, generator=generator, dtype=torch.int8)
     return (2 * bits - 1).float().to(weight.device)
 
@@ -89,7 +90,7 @@ def hutchinson_traces(model: nn.Module, module_names: Sequence[str], batches: It
         products = BlockHVP(model, weights, batches, loss_fn, joint=joint)
         bar = tqdm(range(probes), desc="hutchinson", unit="probe", disable=not progress)
         for _ in bar:
-            z = {name: _rademacher(weights[name], generator) for name in active}
+            z = {name: rademacher(weights[name], generator) for name in active}
             for name, hv in products(z).items():
                 samples[name].append(flat_dot(z[name], hv))
             if rel_tol is not None:

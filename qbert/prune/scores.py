@@ -37,6 +37,7 @@ estimated loss changes and so already comparable across layers. A layer whose sc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 
 from qbert.allocate.calibration import model_loss
 from qbert.hessian.hvp import Batch, BlockHVP, LossFn, hessian_mode, module_weights, to_device
-from qbert.hessian.trace import _rademacher
+from qbert.hessian.trace import rademacher
 from qbert.prune.structure import LayerView, PruneError, encoder_layers
 
 TAYLOR = "taylor"
@@ -145,7 +146,7 @@ def _hutchinson_slices(model: nn.Module, views: list[LayerView], batches: list[B
     with hessian_mode(model, weights.values()):
         products = BlockHVP(model, weights, batches, loss_fn, joint=True)
         for _ in tqdm(range(probes), desc=desc, unit="probe", disable=not progress):
-            z = {name: _rademacher(weight, generator) for name, weight in weights.items()}
+            z = {name: rademacher(weight, generator) for name, weight in weights.items()}
             hz = products(z)
             for view, trace in zip(views, traces):
                 for piece, layout in slices.items():
@@ -161,6 +162,41 @@ def _hutchinson_slices(model: nn.Module, views: list[LayerView], batches: list[B
     return scores
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """Heads or neurons: how many a layer has, the Linear whose input the Taylor gate scales (each gate
+    entry over ``width(view)`` consecutive features) and the weight slices of the Hessian score."""
+
+    name: str
+    count: Callable[[LayerView], int]
+    gated: Callable[[LayerView], nn.Module]
+    width: Callable[[LayerView], int]
+    slices: dict[str, str]
+
+
+_HEADS = _Unit("head", lambda view: view.heads, lambda view: view.out, lambda view: view.head_size, HEAD_SLICES)
+_NEURONS = _Unit("neuron", lambda view: view.intermediate, lambda view: view.down, lambda view: 1, NEURON_SLICES)
+
+
+def _unit_importance(unit: _Unit, caller: str, model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn | None,
+                     method: str, normalize: bool | None, probes: int, seed: int,
+                     progress: bool) -> list[torch.Tensor]:
+    _checked(method, probes, caller)
+    views = encoder_layers(model)
+    batches = calibration_batches(batches, caller)
+    loss_fn = model_loss if loss_fn is None else loss_fn
+    desc = f"{unit.name} importance ({method})"
+    if method == TAYLOR:
+        gates = [_ones(view, unit.count(view)) for view in views]
+        scores = _taylor(model, batches, loss_fn, gates,
+                         lambda i, gate: _gate_input(unit.gated(views[i]), gate, unit.width(views[i])), desc,
+                         progress)
+    else:
+        scores = _hutchinson_slices(model, views, batches, loss_fn, unit.slices, unit.count, probes=probes,
+                                    seed=seed, desc=desc, progress=progress)
+    return [_normalized(s, normalize, method) for s in scores]
+
+
 def head_importance(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn | None = None, *,
                     method: str = TAYLOR, normalize: bool | None = None, probes: int = DEFAULT_PROBES,
                     seed: int = 0, progress: bool = True) -> list[torch.Tensor]:
@@ -170,20 +206,8 @@ def head_importance(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn 
     method: ``"taylor"`` (gate on the input of o, summed over batches) or ``"hessian"`` (Tr(H_h)/n_h *
     ||W_h||^2 over the head's q/k/v/o slices, ``probes`` Rademacher probes drawn from ``seed``).
     normalize: divide each layer's scores by their L2 norm; None: for taylor only."""
-    _checked(method, probes, "head_importance")
-    views = encoder_layers(model)
-    batches = calibration_batches(batches, "head_importance")
-    loss_fn = model_loss if loss_fn is None else loss_fn
-    if method == TAYLOR:
-        gates = [_ones(view, view.heads) for view in views]
-        scores = _taylor(model, batches, loss_fn, gates,
-                         lambda i, gate: _gate_input(views[i].out, gate, views[i].head_size),
-                         "head importance (taylor)", progress)
-    else:
-        scores = _hutchinson_slices(model, views, batches, loss_fn, HEAD_SLICES, lambda view: view.heads,
-                                    probes=probes, seed=seed, desc="head importance (hessian)",
-                                    progress=progress)
-    return [_normalized(s, normalize, method) for s in scores]
+    return _unit_importance(_HEADS, "head_importance", model, batches, loss_fn, method, normalize, probes, seed,
+                            progress)
 
 
 def neuron_importance(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn | None = None, *,
@@ -192,19 +216,8 @@ def neuron_importance(model: nn.Module, batches: Iterable[Batch], loss_fn: LossF
     """Importance of every FFN intermediate neuron (module docstring): one float64 CPU tensor of length
     ``intermediate`` per encoder layer. As ``head_importance``, with the gate on the input of the down
     projection and the slices row i of Wup and column i of Wdown."""
-    _checked(method, probes, "neuron_importance")
-    views = encoder_layers(model)
-    batches = calibration_batches(batches, "neuron_importance")
-    loss_fn = model_loss if loss_fn is None else loss_fn
-    if method == TAYLOR:
-        gates = [_ones(view, view.intermediate) for view in views]
-        scores = _taylor(model, batches, loss_fn, gates, lambda i, gate: _gate_input(views[i].down, gate, 1),
-                         "neuron importance (taylor)", progress)
-    else:
-        scores = _hutchinson_slices(model, views, batches, loss_fn, NEURON_SLICES,
-                                    lambda view: view.intermediate, probes=probes, seed=seed,
-                                    desc="neuron importance (hessian)", progress=progress)
-    return [_normalized(s, normalize, method) for s in scores]
+    return _unit_importance(_NEURONS, "neuron_importance", model, batches, loss_fn, method, normalize, probes,
+                            seed, progress)
 
 
 def _gate_curvature(model: nn.Module, views: Sequence[LayerView], batches: list[Batch], loss_fn: LossFn,

@@ -44,12 +44,12 @@ from qbert.prune.scores import (
 from qbert.prune.structure import (
     LayerView,
     PruneError,
-    _require_plain,
     encoder_layers,
     layer_flops,
     remove_heads,
     remove_layers,
     remove_neurons,
+    require_plain,
 )
 
 DEFAULT_SEQ_LEN = 128  # tokens per sequence at which FLOPs are counted (a common BERT fine-tuning length)
@@ -289,7 +289,7 @@ def _prune_units(unit: _Unit, caller: str, model: nn.Module, batches, loss_fn, *
     check_method(method, caller)
     _check_seq_len(seq_len, caller)
     views = encoder_layers(model)
-    _require_plain(views, caller)
+    require_plain(views, caller)
     flops_before, parameters_before = _flops(model, seq_len), _parameters(model)
     sizes = [unit.size(view) for view in views]
     allowed = _allowed_kept(sizes, min_per_layer, multiple_of, caller, unit.name)
@@ -360,7 +360,7 @@ def prune_layers(model: nn.Module, batches: Iterable[Batch] | None = None, loss_
     check_method(method, caller)
     _check_seq_len(seq_len, caller)
     views = encoder_layers(model)
-    _require_plain(views, caller)
+    require_plain(views, caller)
     flops_before, parameters_before = _flops(model, seq_len), _parameters(model)
     # The encoder as one group of layer units, of which at least one stays.
     target = _target(budget, count, fraction, [len(views)], [list(range(len(views), 0, -1))], 1, caller,

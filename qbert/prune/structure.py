@@ -205,7 +205,8 @@ def encoder_layers(model: nn.Module) -> list[LayerView]:
     return _views(_encoder(model, "encoder_layers"), "encoder_layers")
 
 
-def _require_plain(views: list[LayerView], caller: str) -> None:
+def require_plain(views: list[LayerView], caller: str) -> None:
+    """PruneError unless every q/k/v/o/up/down of ``views`` is a plain ``nn.Linear`` (prune before quantizing)."""
     for view in views:
         for piece in PIECES:
             module = view.modules[piece]
@@ -314,7 +315,7 @@ def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
     encoder = _encoder(model, "remove_heads")
     views = _views(encoder, "remove_heads")
     removal = _removal(heads, views, "remove_heads", "head", lambda view: view.heads)
-    _require_plain(views, "remove_heads")
+    require_plain(views, "remove_heads")
     for layer, removed in removal.items():
         view = views[layer]
         _keep_heads(view, encoder.layout, [j for j in range(view.heads) if j not in removed])
@@ -329,7 +330,7 @@ def remove_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]]) -> No
     encoder = _encoder(model, "remove_neurons")
     views = _views(encoder, "remove_neurons")
     removal = _removal(neurons, views, "remove_neurons", "neuron", lambda view: view.intermediate)
-    _require_plain(views, "remove_neurons")
+    require_plain(views, "remove_neurons")
     for layer, removed in removal.items():
         view = views[layer]
         _keep_neurons(view, encoder.layout, [i for i in range(view.intermediate) if i not in removed])
@@ -347,7 +348,7 @@ def remove_layers(model: nn.Module, layers: Iterable[int]) -> None:
     removed = _indices(layers, len(views), "remove_layers", "layers", "layer")
     if len(removed) == len(views):
         raise PruneError(f"remove_layers: removing all {len(views)} layers leaves no encoder")
-    _require_plain(views, "remove_layers")
+    require_plain(views, "remove_layers")
     for index in reversed(removed):
         del encoder.layers[index]
     for index, layer in enumerate(encoder.layers):
@@ -415,7 +416,7 @@ def apply_structure(model: nn.Module, record: Mapping | None = None) -> nn.Modul
     layout = encoder.layout
     checked = _checked_record(record, len(views), getattr(encoder.config, layout.heads_field),
                               getattr(encoder.config, layout.intermediate_field))
-    _require_plain(views, "apply_structure")
+    require_plain(views, "apply_structure")
     for view, heads, intermediate in zip(views, checked["heads"], checked["intermediate"], strict=True):
         if heads > view.heads or intermediate > view.intermediate:
             raise PruneError(f"apply_structure: {view.name} has {view.heads} heads and {view.intermediate} "
@@ -456,4 +457,4 @@ def layer_flops(view: LayerView, seq_len: int) -> int:
 
 
 __all__ = ["LayerView", "PruneError", "apply_structure", "encoder_layers", "layer_flops", "layer_parameters",
-           "pruning_record", "remove_heads", "remove_layers", "remove_neurons"]
+           "pruning_record", "remove_heads", "remove_layers", "remove_neurons", "require_plain"]

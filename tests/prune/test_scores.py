@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qbert.hessian import hessian_mode, module_weights
-from qbert.hessian.trace import _rademacher
+from qbert.hessian.trace import rademacher
 from qbert.prune import (
     PruneError,
     encoder_layers,
@@ -193,7 +193,7 @@ def test_hessian_scores_estimate_the_exact_slice_traces(unit):
     samples = torch.zeros(hessian.shape[0], dtype=torch.float64)
     magnitude = torch.zeros_like(samples)
     for _ in range(HUTCHINSON_PROBES):
-        z = torch.cat([_rademacher(w, generator).double().flatten() for w in weights.values()])
+        z = torch.cat([rademacher(w, generator).double().flatten() for w in weights.values()])
         samples += z * (hessian @ z) / HUTCHINSON_PROBES
         magnitude += (hessian.abs() @ z.abs()) / HUTCHINSON_PROBES
     # The layer and the unit owning each flattened coordinate, in the order of ``names``.
