@@ -1,12 +1,8 @@
-"""Shared benchmark harness: timing, validation, torch.ao baselines, result records and report writers.
+"""Shared benchmark harness: environment records, validation, result records and report writers.
 
-Timing
-  CPU:  ``time.perf_counter`` around batches of calls (a batch lasts at least ``MIN_BATCH_S``, so short
-        calls are not dominated by the clock), median over repeats after warm-up, at a fixed
-        ``torch.set_num_threads`` that is recorded with the results.
-  CUDA: CUDA events around one call on each of several input copies, median over repeats. The copies
-        together are larger than ``L2_FLUSH_BYTES`` so that weights come from HBM, as they do in a model
-        whose layers are run one after another (one BERT layer fits in an H100's 50 MB L2).
+Timing is the library's (``qbert.timing``: perf_counter batches on the CPU, CUDA events over rotated
+input copies on a GPU), and so is the torch.ao baseline (``qbert.baselines``); every suite pins its thread
+count with ``qbert.timing.set_threads`` and records it.
 
 Every qbert backend is validated against the reference once before it is timed (exact for integer
 outputs, close for float). A case a backend cannot run is recorded with its reason, never dropped.
@@ -21,14 +17,10 @@ import dataclasses
 import datetime as _dt
 import importlib.metadata
 import json
-import math
 import platform
 import re
-import statistics
 import subprocess
-import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +30,6 @@ from qbert.cli import ArgumentParser, positive_int, writable_dir
 from qbert.ops._registry import BACKENDS, OPS
 
 DEFAULT_THREADS = 2
-DEFAULT_WARMUP = 3
-DEFAULT_REPEATS = 20
-MIN_BATCH_S = 1e-3  # a CPU timing batch repeats the call until it lasts at least this long
-MAX_BATCH_CALLS = 1000
-L2_FLUSH_BYTES = 2 * 50 * 2**20  # twice the H100's L2: rotated inputs never all fit in it
-MAX_INPUT_COPIES = 64
-US_PER_S = 1e6
 METRIC_DIGITS = 6  # cosines near 1 need them: 0.999987
 TERA = 1e12
 # Float outputs of a backend must match the reference's to this error, relative to the largest
@@ -63,14 +48,6 @@ SMOKE_HELP = "tiny cases, few repeats (seconds)"
 
 
 # ---- environment ----------------------------------------------------------------------------------
-
-def set_threads(threads: int) -> int:
-    """Pin torch's intra-op thread count (CPU timings depend on it) and return it."""
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    return threads
-
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,60 +123,6 @@ def environment(device: torch.device, threads: int, suite: str, **extra: Any) ->
     return meta
 
 
-# ---- timing ---------------------------------------------------------------------------------------
-
-def _median_us(samples_s: Sequence[float]) -> float:
-    return statistics.median(samples_s) * US_PER_S
-
-
-def time_cpu(fn: Callable[[], Any], warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS) -> float:
-    """Median µs of one ``fn()`` call on the CPU."""
-    for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-9)
-    calls = min(MAX_BATCH_CALLS, max(1, math.ceil(MIN_BATCH_S / once)))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls)
-    return _median_us(samples)
-
-
-def input_copies(bytes_per_copy: int) -> int:
-    """How many copies of a case's inputs to rotate through so that together they overflow L2."""
-    return max(1, min(MAX_INPUT_COPIES, math.ceil(L2_FLUSH_BYTES / max(bytes_per_copy, 1))))
-
-
-def time_cuda(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = DEFAULT_WARMUP,
-              repeats: int = DEFAULT_REPEATS) -> float:
-    """Median µs of ``fn(x)`` on CUDA, rotating ``x`` over ``inputs`` (see ``input_copies``)."""
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(repeats)]
-    for start, end in events:
-        start.record()
-        for x in inputs:
-            fn(x)
-        end.record()
-    torch.cuda.synchronize()
-    ms_per_s = 1e3
-    return _median_us([start.elapsed_time(end) / ms_per_s / len(inputs) for start, end in events])
-
-
-def time_fn(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.device,
-            warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS) -> float:
-    """Median µs of ``fn(x)``: CUDA events over rotated ``inputs`` on CUDA, perf_counter on CPU."""
-    if device.type == "cuda":
-        return time_cuda(fn, inputs, warmup, repeats)
-    return time_cpu(lambda: fn(inputs[0]), warmup, repeats)
-
-
 # ---- validation -----------------------------------------------------------------------------------
 
 def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str:
@@ -214,42 +137,6 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str:
     scale = max(ref.float().abs().max().item(), torch.finfo(torch.float32).tiny)
     tol = FLOAT_REL_TOL[ref.dtype]
     return f"max |error| / max |ref| = {err / scale:.2e} exceeds {tol:.0e}" if err > tol * scale else ""
-
-
-# ---- torch.ao baseline ----------------------------------------------------------------------------
-
-def ao_engines() -> list[str]:
-    """The torch.ao quantized engines this CPU build offers, among those worth comparing against."""
-    wanted = ("onednn", "x86", "fbgemm")
-    return [e for e in wanted if e in torch.backends.quantized.supported_engines]
-
-
-@contextlib.contextmanager
-def quantized_engine(engine: str) -> Iterator[None]:
-    """Run torch.ao quantized modules on ``engine`` inside the block (it must be set when they are built
-    and when they run)."""
-    if engine not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"torch.ao engine {engine!r} is not available; this build has "
-                         f"{torch.backends.quantized.supported_engines}")
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-
-
-def ao_dynamic_int8(model: torch.nn.Module, engine: str) -> torch.nn.Module:
-    """A copy of ``model`` with every nn.Linear replaced by torch.ao's dynamic int8 linear: per-channel
-    int8 weights (like qbert's), activations quantized per tensor at run time. Run it under
-    ``quantized_engine(engine)``."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with quantized_engine(engine), warnings.catch_warnings():
-        # torch.ao.quantization announces its deprecation on every call; it is the baseline on purpose.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated")
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
 
 
 # ---- results --------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from qbert.cli import finite_float
 from qbert.ops import OPS, block_sparse_attention, use_backend
 from qbert.sparse import BlockLayout, bigbird, dense, sliding_window
 from qbert.sparse.flex import layout_mask_mod, to_block_mask
+from qbert.timing import US_PER_S, input_copies, set_threads, time_fn
 
 SUITE = "block_sparse"
 THROUGHPUT_UNIT = "TFLOP/s"  # of the row's own math: the layout's blocks for sparse rows, all for SDPA
@@ -112,7 +113,7 @@ def build_cost_us(choice: LayoutChoice, seq: int, device: torch.device) -> float
         if device.type == "cuda":
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * H.US_PER_S
+    return statistics.median(samples) * US_PER_S
 
 
 # ---- inputs and reference -------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def flex_mask_build_us(layout: BlockLayout, seq: int, device: torch.device) -> f
         if device.type == "cuda":
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * H.US_PER_S
+    return statistics.median(samples) * US_PER_S
 
 
 class HFBigBird:
@@ -239,8 +240,8 @@ def measure(case: dict[str, Any], impl: str, fn: Callable[[Copy], torch.Tensor],
     if wrong:
         result.status, result.reason = H.STATUS_FAILED, f"does not match the reference: {wrong}"
         return result
-    result.time_us = H.time_fn(fn, copies, device, **timing)
-    result.throughput = flops / (result.time_us / H.US_PER_S) / H.TERA
+    result.time_us = time_fn(fn, copies, device, **timing)
+    result.throughput = flops / (result.time_us / US_PER_S) / H.TERA
     return result
 
 
@@ -258,7 +259,7 @@ def run_case(seq: int, batch: int, kind: str, density: float, mode: str, device:
     shape = (batch, heads, seq, head_dim)
     training = mode == "fwd+bwd"
     first = make_copy(shape, dtype, device, gen, training)
-    n_copies = H.input_copies(first.nbytes()) if device.type == "cuda" else 1
+    n_copies = input_copies(first.nbytes()) if device.type == "cuda" else 1
     copies = [first] + [make_copy(shape, dtype, device, gen, training) for _ in range(n_copies - 1)]
     rows = validation_rows(seq, device)
     expected = expected_rows(first, layout, rows)
@@ -314,7 +315,7 @@ def flex_rows(case, layout, copies, device, timing, flops, timed, check) -> list
     build_us = flex_mask_build_us(layout, seq, device)
     result.metrics = {"mask_build_us": build_us}
     with_build = dataclasses.replace(result, impl="flex compiled + mask build", time_us=result.time_us + build_us,
-                                     throughput=flops / ((result.time_us + build_us) / H.US_PER_S) / H.TERA,
+                                     throughput=flops / ((result.time_us + build_us) / US_PER_S) / H.TERA,
                                      metrics={})
     return [result, with_build]
 
@@ -331,7 +332,7 @@ def hf_bigbird_row(case, random_blocks, copies, device, timing, flops, timed) ->
     result = measure(case, name, timed(hf), copies, device, timing, flops, baseline=True)
     if result.time_us:
         with torch.no_grad():
-            result.metrics = {"qkv_proj_us": H.time_fn(hf.projections, copies, device, **timing)}
+            result.metrics = {"qkv_proj_us": time_fn(hf.projections, copies, device, **timing)}
     return result
 
 
@@ -342,7 +343,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
         densities: tuple[float, ...] | None = None, backends: list[str] | None = None,
         device: torch.device | None = None, progress: bool = True) -> H.BenchOutput:
     device = device or H.default_device()
-    H.set_threads(threads)
+    set_threads(threads)
     cuda = device.type == "cuda"
     seqs = seqs or (SMOKE_SEQS if smoke else CUDA_SEQS if cuda else CPU_SEQS)
     batches = batches or (SMOKE_BATCHES if smoke else CUDA_BATCHES if cuda else CPU_BATCHES)

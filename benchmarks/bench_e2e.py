@@ -32,7 +32,9 @@ import torch
 from qbert.benchmarks import _harness as H
 from tqdm import tqdm
 
+from qbert import baselines
 from qbert.ops._registry import BACKENDS
+from qbert.timing import set_threads, time_fn
 
 SUITE = "e2e"
 SEQ_LEN = 128
@@ -84,7 +86,7 @@ def variants(model: torch.nn.Module, device: torch.device) -> list[tuple[str, bo
 
     rows = [("fp32" if device.type == "cpu" else "fp16", True, lambda: model)]
     if device.type == "cpu":
-        rows.append((f"torch.ao dynamic [{AO_ENGINE}]", True, lambda: H.ao_dynamic_int8(model, AO_ENGINE)))
+        rows.append((f"torch.ao dynamic [{AO_ENGINE}]", True, lambda: baselines.ao_dynamic_int8(model, AO_ENGINE)))
     rows += [(FUSED, False, qbert_copy("w8a8")), (UNFUSED, False, qbert_copy("w8a8", fuse=False))]
     if device.type == "cpu":
         rows.append(("qbert w8a16", False, qbert_copy("w8a16")))
@@ -151,7 +153,7 @@ def measure(result: H.Result, calls: list[Callable[[], torch.Tensor]], mode: str
         return None
     if reference is not None:
         result.metrics = fidelity(out, reference)
-    result.time_us = H.time_fn(fn, timed, device, **timing)
+    result.time_us = time_fn(fn, timed, device, **timing)
     return out
 
 
@@ -186,7 +188,7 @@ def targets_markdown(targets: list[dict[str, Any]], seq_len: int) -> str:
 def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAULT_THREADS,
         device: torch.device | None = None, progress: bool = True) -> H.BenchOutput:
     device = device or H.default_device()
-    H.set_threads(threads)
+    set_threads(threads)
     seq_len, batches = (SMOKE_SEQ_LEN, SMOKE_BATCHES) if smoke else (SEQ_LEN, BATCHES[device.type])
     timing = {"warmup": SMOKE_WARMUP, "repeats": SMOKE_REPEATS} if smoke else {"warmup": WARMUP,
                                                                                "repeats": REPEATS}
@@ -222,7 +224,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
                 result.status = H.STATUS_UNSUPPORTED
                 result.reason = f"CUDA graphs need a CUDA device, this run is on {device.type}"
                 continue
-            engine = H.quantized_engine(AO_ENGINE) if name.startswith("torch.ao") else contextlib.nullcontext()
+            engine = baselines.quantized_engine(AO_ENGINE) if name.startswith("torch.ao") else contextlib.nullcontext()
             with engine:
                 try:
                     calls = units(variant, scope, mode, input_ids[batch])

@@ -62,6 +62,7 @@ from qbert.ops import (
 )
 from qbert.ops._registry import device_reasons
 from qbert.ops.quantize_per_token import quantize_per_token_reference
+from qbert.timing import L2_FLUSH_BYTES, US_PER_S, set_threads, time_cuda, time_fn
 
 SUITE = "int8_gemm"
 THROUGHPUT_UNIT = "TOP/s"  # int8 rows; the float rows are TFLOP/s of the same GEMM
@@ -76,7 +77,7 @@ PERCENT = 100
 # every tensor core busy.
 PEAK_SHAPES = ((8192, 8192, 8192), (16384, 16384, 8192))
 SMOKE_PEAK_SHAPES = ((256, 256, 256),)
-# Input copies are rotated until their int8 operands together overflow L2 twice (H.L2_FLUSH_BYTES). The
+# Input copies are rotated until their int8 operands together overflow L2 twice (L2_FLUSH_BYTES). The
 # smallest BERT weight (768 x 768 int8, 0.6 MB) needs ~170 copies; the harness's cap of 64 would leave it
 # in L2.
 MAX_COPIES = 256
@@ -132,7 +133,7 @@ def n_copies(first: Copy, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     int8_bytes = first.x_q.numel() + first.w_q.numel()  # the smallest footprint of any row
-    return max(1, min(MAX_COPIES, math.ceil(H.L2_FLUSH_BYTES / int8_bytes)))
+    return max(1, min(MAX_COPIES, math.ceil(L2_FLUSH_BYTES / int8_bytes)))
 
 
 # ---- the implementations ---------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def time_graph(fn: Callable[[Copy], Any], copies: list[Copy], timing: dict[str, 
     with torch.cuda.graph(graph):
         for c in copies:
             fn(c)
-    return H.time_cuda(lambda g: g.replay(), [graph], **timing) / len(copies)
+    return time_cuda(lambda g: g.replay(), [graph], **timing) / len(copies)
 
 
 @dataclasses.dataclass
@@ -276,7 +277,7 @@ def measure(case: dict[str, Any], impl: str, fn: Callable[[Copy], Any], reads: C
     if wrong:
         result.status, result.reason = H.STATUS_FAILED, f"does not match the reference: {wrong}"
         return result
-    eager_us = H.time_fn(fn, copies, ctx.device, **ctx.timing)  # also the warm-up (autotuning) before capture
+    eager_us = time_fn(fn, copies, ctx.device, **ctx.timing)  # also the warm-up (autotuning) before capture
     if ctx.device.type == "cuda":
         try:
             result.time_us = time_graph(fn, copies, ctx.timing)
@@ -287,7 +288,7 @@ def measure(case: dict[str, Any], impl: str, fn: Callable[[Copy], Any], reads: C
         result.metrics = {"eager µs": eager_us}
     else:
         result.time_us = eager_us
-    seconds = result.time_us / H.US_PER_S
+    seconds = result.time_us / US_PER_S
     ops = OPS_PER_MAC * case["M"] * case["N"] * case["K"]
     nbytes = moved_bytes(reads(copies[0]), out)
     result.throughput = ops / seconds / H.TERA
@@ -388,11 +389,11 @@ def int8_peak(device: torch.device, shapes: tuple[tuple[int, int, int], ...], ti
         a = torch.randint(-128, 128, (m, k), generator=gen, device=device, dtype=torch.int8)
         b = torch.randint(-128, 128, (n, k), generator=gen, device=device, dtype=torch.int8)
         try:
-            time_us = H.time_fn(lambda t, a=a: torch._int_mm(a, t), [b.t()], device, **timing)
+            time_us = time_fn(lambda t, a=a: torch._int_mm(a, t), [b.t()], device, **timing)
         except H.BACKEND_FAILURES as exc:
             refused[label] = _failure(exc)
             continue
-        measured[label] = OPS_PER_MAC * m * n * k / (time_us / H.US_PER_S) / H.TERA
+        measured[label] = OPS_PER_MAC * m * n * k / (time_us / US_PER_S) / H.TERA
     best = max(measured, key=measured.get) if measured else None
     return {"tops": measured[best] if best else None, "shape": best, "measured_tops": measured, "refused": refused}
 
@@ -557,7 +558,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
         m_values: tuple[int, ...] | None = None, backends: list[str] | None = None,
         device: torch.device | None = None, progress: bool = True) -> H.BenchOutput:
     device = device or H.default_device()
-    H.set_threads(threads)
+    set_threads(threads)
     backends = default_backends(device) if backends is None else backends
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:

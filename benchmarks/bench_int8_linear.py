@@ -23,9 +23,11 @@ from qbert.benchmarks import _harness as H
 from qbert.benchmarks.shapes import LINEAR_SHAPES, M_VALUES, SMOKE_M_VALUES, SMOKE_SHAPES, LinearShape
 from tqdm import tqdm
 
+from qbert import baselines
 from qbert.ops import BACKENDS, OPS, int8_linear, use_backend, w8a8_linear
 from qbert.ops.int8_linear import int8_linear_reference
 from qbert.ops.quantize_per_token import quantize_per_token_reference
+from qbert.timing import US_PER_S, input_copies, set_threads, time_fn
 
 SUITE = "int8_linear"
 THROUGHPUT_UNIT = "TOP/s"  # int8 rows; float baselines are TFLOP/s of the same GEMM
@@ -110,9 +112,9 @@ def measure(case: dict[str, Any], impl: str, fn: Callable[[Copy], torch.Tensor],
         if wrong:
             result.status, result.reason = H.STATUS_FAILED, f"does not match the reference: {wrong}"
             return result
-    result.time_us = H.time_fn(fn, copies, device, **timing)
+    result.time_us = time_fn(fn, copies, device, **timing)
     macs = case["M"] * case["N"] * case["K"]
-    result.throughput = OPS_PER_MAC * macs / (result.time_us / H.US_PER_S) / H.TERA
+    result.throughput = OPS_PER_MAC * macs / (result.time_us / US_PER_S) / H.TERA
     return result
 
 
@@ -120,7 +122,7 @@ def run_case(shape: LinearShape, m: int, device: torch.device, backends: list[st
              timing: dict[str, int], gen: torch.Generator) -> list[H.Result]:
     case = {"model": shape.model, "layer": shape.layer, "M": m, "N": shape.n, "K": shape.k}
     first = make_copy(shape, m, device, gen)
-    n_copies = H.input_copies(first.nbytes()) if device.type == "cuda" else 1
+    n_copies = input_copies(first.nbytes()) if device.type == "cuda" else 1
     copies = [first] + [make_copy(shape, m, device, gen) for _ in range(n_copies - 1)]
     expected = w8a8_expected(first)
     rows = []
@@ -145,8 +147,8 @@ def run_case(shape: LinearShape, m: int, device: torch.device, backends: list[st
             linear.weight.copy_(first.weight)
             linear.bias.copy_(first.bias)
         for engine in ao_engines:
-            module = H.ao_dynamic_int8(torch.nn.Sequential(linear), engine)
-            with H.quantized_engine(engine), torch.no_grad():
+            module = baselines.ao_dynamic_int8(torch.nn.Sequential(linear), engine)
+            with baselines.quantized_engine(engine), torch.no_grad():
                 rows.append(measure(case, f"torch.ao dynamic [{engine}]", lambda c, mod=module: mod(c.x),
                                     copies, device, timing, baseline=True))
     return rows
@@ -159,14 +161,14 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
         ao_engines: list[str] | None = None, device: torch.device | None = None,
         progress: bool = True) -> H.BenchOutput:
     device = device or H.default_device()
-    H.set_threads(threads)
+    set_threads(threads)
     shapes = SMOKE_SHAPES if smoke else LINEAR_SHAPES
     m_values = m_values or (SMOKE_M_VALUES if smoke else M_VALUES)
     backends = list(BACKENDS) if backends is None else backends
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
-    ao_engines = (["onednn"] if "onednn" in H.ao_engines() else H.ao_engines()[:1]) if ao_engines is None \
+    ao_engines = (["onednn"] if "onednn" in baselines.ao_engines() else baselines.ao_engines()[:1]) if ao_engines is None \
         else ao_engines
     timing = {"warmup": SMOKE_WARMUP, "repeats": SMOKE_REPEATS} if smoke else {}
     out_dir = Path(out_dir) if out_dir is not None else (H.SMOKE_RESULTS_DIR if smoke else H.DEFAULT_RESULTS_DIR)
@@ -229,8 +231,8 @@ def plot_speedups(results: list[H.Result], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> H.BenchOutput:
     parser = H.suite_parser(__file__, __doc__)
     H.add_gemm_arguments(parser, f"all of {','.join(BACKENDS)}")
-    parser.add_argument("--ao-engines", type=H.choice_list(H.ao_engines(), "torch.ao engine"), default=None,
-                        help=f"torch.ao engines on CPU (default onednn; available: {','.join(H.ao_engines())})")
+    parser.add_argument("--ao-engines", type=H.choice_list(baselines.ao_engines(), "torch.ao engine"), default=None,
+                        help=f"torch.ao engines on CPU (default onednn; available: {','.join(baselines.ao_engines())})")
     args = parser.parse_args(argv)
     output = run(args.smoke, args.out, args.threads, args.m, args.backends, args.ao_engines)
     return output.print()

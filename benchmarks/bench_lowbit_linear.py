@@ -31,6 +31,7 @@ from qbert.ops.lowbit_linear import lowbit_linear_reference
 from qbert.ops.w4a8_linear import w4a8_linear_reference
 from qbert.quant.lowbit import LowBitScheme, quantize_lowbit
 from qbert.quant.packing import pack
+from qbert.timing import US_PER_S, input_copies, set_threads, time_fn
 
 SUITE = "lowbit_linear"
 THROUGHPUT_UNIT = "TFLOP/s"
@@ -88,8 +89,8 @@ def copy_bandwidth(device: torch.device, nbytes: int, timing: dict[str, int]) ->
     """Measured device copy bandwidth in GB/s (bytes read + bytes written per second)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    time_us = H.time_fn(lambda s: dst.copy_(s), [src], device, **timing)
-    return 2 * nbytes / (time_us / H.US_PER_S) / GIGA
+    time_us = time_fn(lambda s: dst.copy_(s), [src], device, **timing)
+    return 2 * nbytes / (time_us / US_PER_S) / GIGA
 
 
 # ---- baselines from other libraries ----------------------------------------------------------------
@@ -124,7 +125,7 @@ def bitsandbytes_nf4(weight: torch.Tensor, bias: torch.Tensor):
 
 def _add_bandwidth(row: H.Result, nbytes: int, ceiling_gbs: float) -> H.Result:
     if row.time_us:
-        gbs = nbytes / (row.time_us / H.US_PER_S) / GIGA
+        gbs = nbytes / (row.time_us / US_PER_S) / GIGA
         row.metrics = {"GB/s": gbs, "% copy bw": PERCENT * gbs / ceiling_gbs}
     return row
 
@@ -133,7 +134,7 @@ def run_case(shape: LinearShape, m: int, device: torch.device, backends: list[st
              gen: torch.Generator, ceiling_gbs: float) -> list[H.Result]:
     case = {"model": shape.model, "layer": shape.layer, "M": m, "N": shape.n, "K": shape.k}
     first = make_copy(shape, m, device, gen)
-    n_copies = H.input_copies(first.nbytes()) if device.type == "cuda" else 1
+    n_copies = input_copies(first.nbytes()) if device.type == "cuda" else 1
     copies = [first] + [make_copy(shape, m, device, gen) for _ in range(n_copies - 1)]
     rows = []
     for bits in BITS:
@@ -178,7 +179,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
         shapes: tuple[LinearShape, ...] | None = None, device: torch.device | None = None,
         progress: bool = True) -> H.BenchOutput:
     device = device or H.default_device()
-    H.set_threads(threads)
+    set_threads(threads)
     shapes = shapes or (SMOKE_SHAPES if smoke else LINEAR_SHAPES + LLM_SHAPES)
     m_values = m_values or (SMOKE_M_VALUES if smoke else M_VALUES)
     backends = list(BACKENDS) if backends is None else backends

@@ -33,6 +33,7 @@ from qbert.benchmarks import qbert_table
 
 import qbert
 from qbert import ray as qbert_ray
+from qbert.timing import US_PER_S, set_threads
 
 SUITE = "ray_embed"
 TEXTS, BATCH = 512, 32
@@ -63,7 +64,7 @@ def bbc_articles(count: int) -> list[str]:
 def single_process(path: Path, tokenizer_dir: Path, texts: list[str], batch: int, max_length: int,
                    threads: int) -> tuple[np.ndarray, float, float]:
     """(embeddings, load seconds, embedding seconds) of one process at ``threads`` torch threads."""
-    H.set_threads(threads)
+    set_threads(threads)
     start = time.perf_counter()
     embedder = qbert_ray.Embedder(str(path), str(tokenizer_dir), qbert_ray.DEFAULT_TEXT_COLUMN,
                                   qbert_ray.DEFAULT_OUTPUT_COLUMN, max_length, threads=threads)
@@ -125,7 +126,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
             impl = f"single process, {n_threads} thread(s)"
             results.append(_result(case, impl, n_threads == BASELINE_THREADS, seconds, embeddings, reference,
                                    load_s=load_s))
-        H.set_threads(threads)
+        set_threads(threads)
         for actors in SMOKE_ACTOR_COUNTS if smoke else ACTOR_COUNTS:
             embeddings, seconds, ray_rows_per_s = ray_run(ray, path, model_dir, texts, batch, length, actors)
             results.append(_result(case, f"Ray Data, {actors} actor(s) x {CPUS_PER_ACTOR} CPU", False,
@@ -145,7 +146,7 @@ def _result(case: dict, impl: str, baseline: bool, seconds: float, embeddings: n
     diff = float(np.abs(embeddings - reference).max())
     identical = np.array_equal(embeddings, reference)
     return H.Result(case=dict(case), impl=impl, baseline=baseline, dtype=FORMAT,
-                    time_us=seconds * H.US_PER_S, throughput=case["texts"] / seconds,
+                    time_us=seconds * US_PER_S, throughput=case["texts"] / seconds,
                     metrics={**metrics, "max_abs_diff": diff},
                     status=H.STATUS_OK if identical else H.STATUS_FAILED,
                     reason="" if identical else "the embeddings differ from the baseline's")

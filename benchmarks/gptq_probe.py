@@ -43,6 +43,7 @@ from tqdm import tqdm
 import qbert
 from qbert.nn import LinearFormat, linear_format
 from qbert.nn.gptq import GPTQ, NEAREST
+from qbert.timing import set_threads
 
 SUITE = "gptq_probe"
 ENCODER_PREFIX = "encoder."  # the encoder's Linear layers in a BertModel (no pooler: all 36 of them)
@@ -336,7 +337,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
         progress: bool = True) -> H.BenchOutput:
     settings = SMOKE if smoke else FULL
     out_dir = Path(out_dir) if out_dir is not None else (H.SMOKE_RESULTS_DIR if smoke else H.DEFAULT_RESULTS_DIR)
-    H.set_threads(threads)
+    set_threads(threads)
     started = time.perf_counter()
     train_data, test_data, classes = T.load_data(settings, T.load_tokenizer())
     fp32 = T.load_encoder().eval()

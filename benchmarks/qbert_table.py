@@ -75,6 +75,7 @@ from qbert.nn import LinearFormat, linear_bytes, linear_format
 from qbert.nn.gptq import GPTQ, NEAREST, input_hessians
 from qbert.nn.qat import convert, distillation_loss, fake_quantize_weight, prepare_qat
 from qbert.quant.gptq import reconstruction_error
+from qbert.timing import set_threads
 
 SUITE = "qbert_table"
 CACHE_VERSION = 1  # bump when a change to this file changes what a cached checkpoint / row would contain
@@ -776,7 +777,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
     out_dir = Path(out_dir) if out_dir is not None else (H.SMOKE_RESULTS_DIR if smoke else H.DEFAULT_RESULTS_DIR)
     cache = Path(cache) if cache is not None else DEFAULT_CACHE
     specs = select_rows(SUITE, row_specs(), rows)
-    H.set_threads(threads)
+    set_threads(threads)
     started = time.perf_counter()
     train_data, test_data, classes = load_data(settings, load_tokenizer())
     model, teacher, fp32_record = fp32_model(settings, train_data, len(classes), cache, progress)

@@ -78,6 +78,7 @@ from qbert.prune import (
     remove_heads,
     remove_neurons,
 )
+from qbert.timing import US_PER_S, set_threads
 
 SUITE = "stacked"
 CACHE_VERSION = 1  # bump when a change to this file changes what a cached row would contain
@@ -611,7 +612,7 @@ def write(results: list[RowResult], meta: dict[str, Any], out_dir: Path) -> tupl
 def as_harness_results(results: list[RowResult]) -> list[H.Result]:
     """The rows as ``_harness.Result`` records (``BenchOutput``): latency in ``time_us``, the rest in metrics."""
     return [H.Result(case={"row": r.key}, impl=r.label, baseline=r.key == "fp32",
-                     time_us=None if r.latency_ms is None else r.latency_ms * H.US_PER_S / MS_PER_S,
+                     time_us=None if r.latency_ms is None else r.latency_ms * US_PER_S / MS_PER_S,
                      speedup={} if r.speedup is None else {"fp32": r.speedup},
                      metrics={"accuracy": r.accuracy, "megabytes": r.megabytes, "bits_per_weight": r.bits_per_weight,
                               "heads": r.heads, "neurons": r.neurons})
@@ -626,7 +627,7 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
     out_dir = Path(out_dir) if out_dir is not None else (H.SMOKE_RESULTS_DIR if smoke else H.DEFAULT_RESULTS_DIR)
     cache = Path(cache) if cache is not None else DEFAULT_CACHE
     specs = T.select_rows(SUITE, row_specs(), rows)
-    H.set_threads(threads)
+    set_threads(threads)
     load_start = os.getloadavg()
     started = time.perf_counter()
     train_data, test_data, classes = T.load_data(settings.table, T.load_tokenizer())

