@@ -16,16 +16,20 @@ Head j owns d rows of Wq, Wk, Wv (and biases) and the same d columns of Wo; neur
     second-order loss change of zeroing the unit's weight slice, Tr(H_u) by Hutchinson's estimator
     through ``qbert.hessian``; for layers the gate's exact second derivative d^2L/dg_l^2.
   * ``select``: ``prune_heads``, ``prune_ffn`` (optionally keeping a multiple of ``multiple_of`` neurons)
-    and ``prune_layers`` under one budget -- a count, a fraction, or (heads, neurons) a FLOP limit chosen
-    exactly by the multiple-choice knapsack of ``qbert.allocate.solvers`` -- minimising the sum of the
-    removed scores, with a ``PruneSummary`` of what was removed and saved.
+    and ``prune_layers`` under one budget -- a count, a fraction, or (heads, neurons) a FLOP or a measured
+    latency limit chosen exactly by the multiple-choice knapsack of ``qbert.allocate.solvers`` --
+    minimising the sum of the removed scores, with a ``PruneSummary`` of what was removed and saved.
+  * ``latency``: ``measure_layer_latency`` times each layer at its candidate head / neuron counts (as it
+    is, or quantized to the format it will run in) into the ``LatencyTable`` a latency budget reads.
 
 Prune the float model, then quantize; pruned models save and load like any other.
 """
 
+from qbert.prune.latency import LatencyTable, measure_layer_latency
 from qbert.prune.scores import DEFAULT_PROBES, METHODS, head_importance, layer_importance, neuron_importance
-from qbert.prune.select import DEFAULT_SEQ_LEN, PruneSummary, prune_ffn, prune_heads, prune_layers
+from qbert.prune.select import PruneSummary, prune_ffn, prune_heads, prune_layers
 from qbert.prune.structure import (
+    DEFAULT_SEQ_LEN,
     LayerView,
     PruneError,
     apply_structure,
@@ -36,9 +40,11 @@ from qbert.prune.structure import (
     remove_heads,
     remove_layers,
     remove_neurons,
+    single_layer_encoder,
 )
 
-__all__ = ["DEFAULT_PROBES", "DEFAULT_SEQ_LEN", "METHODS", "LayerView", "PruneError", "PruneSummary",
-           "apply_structure", "encoder_layers", "head_importance", "layer_flops", "layer_importance",
-           "layer_parameters", "neuron_importance", "prune_ffn", "prune_heads", "prune_layers", "pruning_record",
-           "remove_heads", "remove_layers", "remove_neurons"]
+__all__ = ["DEFAULT_PROBES", "DEFAULT_SEQ_LEN", "METHODS", "LatencyTable", "LayerView", "PruneError",
+           "PruneSummary", "apply_structure", "encoder_layers", "head_importance", "layer_flops",
+           "layer_importance", "layer_parameters", "measure_layer_latency", "neuron_importance", "prune_ffn",
+           "prune_heads", "prune_layers", "pruning_record", "remove_heads", "remove_layers", "remove_neurons",
+           "single_layer_encoder"]

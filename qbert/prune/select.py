@@ -15,6 +15,9 @@ removes its n - k lowest, at cost C_l(k) = the sum of those n - k scores. Exactl
     the allowed kept counts k with cost C_l(k) and size ``layer_flops`` with k units. A negative score (a
     negative Hessian trace estimate) predicts that removing the unit lowers the loss, so the knapsack
     removes it even where the budget does not need it.
+  * ``max_latency_us``: the same knapsack with the measured latency t_l(k) of a ``LatencyTable``
+    (``qbert.prune.latency.measure_layer_latency``: each layer timed at its candidate counts, optionally
+    quantized to the format it will run in) in place of the FLOPs: sum_l t_l(k_l) <= max_latency_us.
 
 Allowed kept counts of a layer with n units: k in ``min_per_layer .. n``, and for FFN neurons k a multiple
 of ``multiple_of`` (a layer whose n is not one loses n mod multiple_of neurons whatever the budget).
@@ -33,6 +36,7 @@ from torch import nn
 
 from qbert.allocate.solvers import Problem, solve_milp
 from qbert.hessian.hvp import Batch, LossFn
+from qbert.prune.latency import LatencyTable
 from qbert.prune.scores import (
     TAYLOR,
     calibration_batches,
@@ -42,6 +46,7 @@ from qbert.prune.scores import (
     neuron_importance,
 )
 from qbert.prune.structure import (
+    DEFAULT_SEQ_LEN,
     LayerView,
     PruneError,
     encoder_layers,
@@ -52,7 +57,6 @@ from qbert.prune.structure import (
     require_plain,
 )
 
-DEFAULT_SEQ_LEN = 128  # tokens per sequence at which FLOPs are counted (a common BERT fine-tuning length)
 GIVEN = "given"  # PruneSummary.method when the caller passed the scores
 UNITS = {"head": "heads", "neuron": "neurons", "layer": "layers"}
 
@@ -65,7 +69,10 @@ class PruneSummary:
     removed: heads / neurons, {layer index: [indices among the layer's units before the call]} for the
     layers that lost any; layers, the sorted indices of the removed layers (before the call).
     parameters_before / _after: every parameter of the model (``model.parameters()``, shared ones once);
-    flops_before / _after: the encoder layers' ``layer_flops`` total at ``seq_len`` tokens."""
+    flops_before / _after: the encoder layers' ``layer_flops`` total at ``seq_len`` tokens.
+    latency_us_before / _after: with a latency budget, the encoder layers' latency by the table (the
+    measured or interpolated t_l of each layer's count before and after; ``latency`` says how it was
+    measured), else None."""
 
     unit: str
     method: str
@@ -75,6 +82,9 @@ class PruneSummary:
     flops_before: int
     flops_after: int
     seq_len: int
+    latency_us_before: float | None = None
+    latency_us_after: float | None = None
+    latency: str | None = None
 
     @property
     def count(self) -> int:
@@ -89,6 +99,10 @@ class PruneSummary:
         lines = [f"pruned {self.count} {UNITS[self.unit]} ({self.method} scores)",
                  f"  parameters: {change(self.parameters_before, self.parameters_after)}",
                  f"  encoder FLOPs at seq_len={self.seq_len}: {change(self.flops_before, self.flops_after)}"]
+        if self.latency_us_before is not None:
+            lines.append(f"  encoder latency ({self.latency}): {self.latency_us_before:,.0f} -> "
+                         f"{self.latency_us_after:,.0f} us "
+                         f"({(self.latency_us_after - self.latency_us_before) / self.latency_us_before:+.1%})")
         if isinstance(self.removed, Mapping):
             lines += [f"  layer {layer}: removed {len(indices)} {UNITS[self.unit]} {indices}"
                       for layer, indices in sorted(self.removed.items())]
@@ -248,28 +262,57 @@ def _greedy(values: list[torch.Tensor], allowed: list[list[int]], sizes: Sequenc
     return [kept[p] for kept, p in zip(allowed, position)]
 
 
+def _check_limit(caller: str, name: str, limit) -> None:
+    if not _is_real(limit) or not math.isfinite(limit) or limit <= 0:
+        raise PruneError(f"{caller}: {name} must be a positive finite number, got {limit!r}")
+
+
+def _check_reachable(caller: str, name: str, limit, options: list[list[float]], now: float,
+                     what: Callable[[float], str], unit: str, source: str = "") -> None:
+    """PruneError when ``limit`` is below the smallest total of ``options`` (every layer at its fewest
+    allowed units); ``what`` renders a total, ``source`` says where the totals come from."""
+    smallest = sum(min(row) for row in options)
+    if limit < smallest:
+        raise PruneError(f"{caller}: {name}={limit:,} is below the smallest feasible total {what(smallest)} "
+                         f"(every layer at its fewest allowed {UNITS[unit]}); the encoder now takes "
+                         f"{what(now)}{source}")
+
+
 def _flops_options(views: list[LayerView], unit: _Unit, allowed: list[list[int]], max_flops, seq_len: int,
                    caller: str) -> list[list[int]]:
-    """``layer_flops`` of each layer at each allowed kept count; a max_flops below the smallest total is
-    a PruneError naming it."""
-    if not _is_real(max_flops) or not math.isfinite(max_flops) or max_flops <= 0:
-        raise PruneError(f"{caller}: max_flops must be a positive finite number, got {max_flops!r}")
+    """``layer_flops`` of each layer at each allowed kept count (checked against max_flops)."""
+    _check_limit(caller, "max_flops", max_flops)
     flops = [[layer_flops(dataclasses.replace(view, **{unit.field: k}), seq_len) for k in kept]
              for view, kept in zip(views, allowed)]
-    smallest = sum(min(row) for row in flops)
-    if max_flops < smallest:
-        raise PruneError(f"{caller}: max_flops={max_flops:,} is below the smallest feasible total {smallest:,} "
-                         f"FLOPs at seq_len={seq_len} (every layer at its fewest allowed {UNITS[unit.name]}); "
-                         f"the encoder now takes {sum(layer_flops(v, seq_len) for v in views):,}")
+    _check_reachable(caller, "max_flops", max_flops, flops, sum(layer_flops(v, seq_len) for v in views),
+                     lambda total: f"{total:,} FLOPs at seq_len={seq_len}", unit.name)
     return flops
 
 
-def _knapsack(values: list[torch.Tensor], allowed: list[list[int]], sizes: Sequence[int],
-              flops: list[list[int]], max_flops) -> list[int]:
-    """Kept count per layer at least total cost within max_flops (module docstring), by ``solve_milp``."""
+def _latency_options(views: list[LayerView], unit: _Unit, allowed: list[list[int]], max_latency_us,
+                     latency: LatencyTable | None, caller: str) -> list[list[float]]:
+    """The table's t_l(k) of each layer at each allowed kept count (checked against max_latency_us)."""
+    _check_limit(caller, "max_latency_us", max_latency_us)
+    if latency is None:
+        raise PruneError(f"{caller}: a max_latency_us budget needs latency=, the LatencyTable of "
+                         f"measure_layer_latency(model, {unit.name!r}, ...)")
+    latency.check_matches(views, unit.name, caller)
+    options = [[latency.latency_us(layer, k) for k in kept] for layer, kept in enumerate(allowed)]
+    _check_reachable(caller, "max_latency_us", max_latency_us, options, latency.total_us(latency.sizes),
+                     lambda total: f"{total:,.0f} us", unit.name, f", by the table of {latency.describe()}")
+    return options
+
+
+def _knapsack(values: list[torch.Tensor], allowed: list[list[int]], sizes: Sequence[int], *,
+              flops: list[list[int]] | None = None, max_flops=None, latencies: list[list[float]] | None = None,
+              max_latency_us=None) -> list[int]:
+    """Kept count per layer at least total cost within max_flops or max_latency_us (module docstring), by
+    ``solve_milp``."""
     costs = [[0.0, *torch.cumsum(v, 0).tolist()] for v in values]  # costs[l][r]: the r lowest scores
     problem = Problem(costs=[[costs[l][sizes[l] - k] for k in kept] for l, kept in enumerate(allowed)],
-                      sizes=flops, max_size=math.floor(max_flops))
+                      sizes=flops if flops is not None else [[0] * len(kept) for kept in allowed],
+                      max_size=None if max_flops is None else math.floor(max_flops),
+                      latencies=latencies, max_latency=max_latency_us)
     return [kept[c] for kept, c in zip(allowed, solve_milp(problem))]
 
 
@@ -284,8 +327,12 @@ def _scores(unit: str, caller: str, model: nn.Module, batches, loss_fn, scores, 
 
 
 def _prune_units(unit: _Unit, caller: str, model: nn.Module, batches, loss_fn, *, count, fraction, max_flops,
-                 seq_len: int, method: str, scores, min_per_layer, multiple_of, progress: bool) -> PruneSummary:
-    budget = _budget(caller, count=count, fraction=fraction, max_flops=max_flops)
+                 max_latency_us, latency: LatencyTable | None, seq_len: int, method: str, scores, min_per_layer,
+                 multiple_of, progress: bool) -> PruneSummary:
+    budget = _budget(caller, count=count, fraction=fraction, max_flops=max_flops, max_latency_us=max_latency_us)
+    if latency is not None and budget != "max_latency_us":
+        raise PruneError(f"{caller}: latency= is used only by a max_latency_us budget (the budget given is "
+                         f"{budget})")
     check_method(method, caller)
     _check_seq_len(seq_len, caller)
     views = encoder_layers(model)
@@ -295,6 +342,8 @@ def _prune_units(unit: _Unit, caller: str, model: nn.Module, batches, loss_fn, *
     allowed = _allowed_kept(sizes, min_per_layer, multiple_of, caller, unit.name)
     if budget == "max_flops":
         flops = _flops_options(views, unit, allowed, max_flops, seq_len, caller)
+    elif budget == "max_latency_us":
+        latencies = _latency_options(views, unit, allowed, max_latency_us, latency, caller)
     else:
         limit = f"every layer keeps at least min_per_layer={min_per_layer}" + (
             f" and a multiple of multiple_of={multiple_of}" if multiple_of > 1 else "")
@@ -303,46 +352,54 @@ def _prune_units(unit: _Unit, caller: str, model: nn.Module, batches, loss_fn, *
                              progress)
     values, orders = zip(*(torch.sort(s, stable=True) for s in scores))
     if budget == "max_flops":
-        kept = _knapsack(list(values), allowed, sizes, flops, max_flops)
+        kept = _knapsack(list(values), allowed, sizes, flops=flops, max_flops=max_flops)
+    elif budget == "max_latency_us":
+        kept = _knapsack(list(values), allowed, sizes, latencies=latencies, max_latency_us=max_latency_us)
     else:
         kept = _greedy(list(values), allowed, sizes, target)
     removed = {layer: sorted(orders[layer][:size - k].tolist())
                for layer, (size, k) in enumerate(zip(sizes, kept)) if k < size}
     if removed:  # nothing to remove (count 0, or a FLOP limit already met): the model stays untouched
         unit.remove(model, removed)
+    timing = {} if latency is None else {"latency_us_before": latency.total_us(sizes),
+                                         "latency_us_after": latency.total_us(kept), "latency": latency.describe()}
     return PruneSummary(unit.name, method, removed, parameters_before, _parameters(model), flops_before,
-                        _flops(model, seq_len), seq_len)
+                        _flops(model, seq_len), seq_len, **timing)
 
 
 def prune_heads(model: nn.Module, batches: Iterable[Batch] | None = None, loss_fn: LossFn | None = None, *,
                 count: int | None = None, fraction: float | None = None, max_flops: float | None = None,
+                max_latency_us: float | None = None, latency: LatencyTable | None = None,
                 seq_len: int = DEFAULT_SEQ_LEN, method: str = TAYLOR, scores: Sequence | None = None,
                 min_per_layer: int = 1, progress: bool = True) -> PruneSummary:
     """Score the attention heads, choose under one budget and remove them physically, in place.
 
-    Budgets (exactly one; module docstring): ``count`` heads in all, a ``fraction`` of all heads, or
-    ``max_flops`` for the encoder at ``seq_len`` tokens. Every layer keeps at least ``min_per_layer``
+    Budgets (exactly one; module docstring): ``count`` heads in all, a ``fraction`` of all heads,
+    ``max_flops`` for the encoder at ``seq_len`` tokens, or ``max_latency_us`` for the encoder layers by
+    the ``latency`` table (``measure_layer_latency(model, "head", ...)`` on the model as it is now). Every layer keeps at least ``min_per_layer``
     heads. scores: one tensor of length ``heads`` per layer (``head_importance``'s result); without it
     the heads are scored by ``method`` on ``batches`` with ``loss_fn`` (default: the model's ``.loss``).
     Prune the float model, before ``quantize`` / ``prepare_qat``. Bad budgets, scores or data:
     PruneError naming the budget and its feasible range."""
     return _prune_units(HEADS, "prune_heads", model, batches, loss_fn, count=count, fraction=fraction,
-                        max_flops=max_flops, seq_len=seq_len, method=method, scores=scores,
+                        max_flops=max_flops, max_latency_us=max_latency_us, latency=latency, seq_len=seq_len, method=method, scores=scores,
                         min_per_layer=min_per_layer, multiple_of=1, progress=progress)
 
 
 def prune_ffn(model: nn.Module, batches: Iterable[Batch] | None = None, loss_fn: LossFn | None = None, *,
               count: int | None = None, fraction: float | None = None, max_flops: float | None = None,
+              max_latency_us: float | None = None, latency: LatencyTable | None = None,
               seq_len: int = DEFAULT_SEQ_LEN, method: str = TAYLOR, scores: Sequence | None = None,
               min_per_layer: int = 1, multiple_of: int = 1, progress: bool = True) -> PruneSummary:
     """Score the FFN intermediate neurons, choose under one budget and remove them physically, in place.
 
-    As ``prune_heads`` (``count`` / ``fraction`` of all neurons, ``max_flops``), with scores of length
+    As ``prune_heads`` (``count`` / ``fraction`` of all neurons, ``max_flops``, ``max_latency_us`` with a
+    ``measure_layer_latency(model, "neuron", ...)`` table), with scores of length
     ``intermediate`` per layer (``neuron_importance``), and every layer's kept count a multiple of
     ``multiple_of`` (e.g. a GEMM tile width) and at least ``min_per_layer``; with multiple_of > 1 only
     some counts are reachable (the error names them)."""
     return _prune_units(NEURONS, "prune_ffn", model, batches, loss_fn, count=count, fraction=fraction,
-                        max_flops=max_flops, seq_len=seq_len, method=method, scores=scores,
+                        max_flops=max_flops, max_latency_us=max_latency_us, latency=latency, seq_len=seq_len, method=method, scores=scores,
                         min_per_layer=min_per_layer, multiple_of=multiple_of, progress=progress)
 
 
@@ -379,4 +436,4 @@ def prune_layers(model: nn.Module, batches: Iterable[Batch] | None = None, loss_
                         _flops(model, seq_len), seq_len)
 
 
-__all__ = ["DEFAULT_SEQ_LEN", "PruneSummary", "prune_ffn", "prune_heads", "prune_layers"]
+__all__ = ["PruneSummary", "prune_ffn", "prune_heads", "prune_layers"]

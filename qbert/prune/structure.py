@@ -42,6 +42,7 @@ PIECES = ATTENTION_PIECES + FFN_PIECES
 # Multiply-accumulates counted as two floating-point operations (a multiply and an add).
 FLOPS_PER_MAC = 2
 ATTENTION_MATMULS = 2  # the scores Q K^T and the weighted sum P V, each seq x seq x (H*d) MACs
+DEFAULT_SEQ_LEN = 128  # tokens per sequence at which FLOPs and latency are counted (a common BERT length)
 
 
 class PruneError(ValueError):
@@ -431,6 +432,36 @@ def apply_structure(model: nn.Module, record: Mapping | None = None) -> nn.Modul
     return model
 
 
+def single_layer_encoder(model: nn.Module, index: int, heads: int | None = None,
+                         intermediate: int | None = None) -> nn.Module:
+    """A copy of the module holding ``model``'s encoder layers (``BertEncoder``, DistilBERT's
+    ``Transformer``) that holds one layer only: a copy of layer ``index`` keeping its first ``heads`` heads
+    and first ``intermediate`` neurons (None: all of them). ``model`` is left untouched; the copy runs on
+    hidden states [batch, seq, h] like the encoder, e.g. to time a layer at a candidate shape. PruneError
+    for an index or a count out of range, or a layer that is not plain nn.Linear."""
+    caller = "single_layer_encoder"
+    encoder = _encoder(model, caller)
+    views = _views(encoder, caller)
+    view = views[_indices([index], len(views), caller, "layers", "layer")[0]]
+    require_plain([view], caller)
+    counts = {"heads": (heads, view.heads), "intermediate": (intermediate, view.intermediate)}
+    for what, (count, size) in counts.items():
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= size):
+            raise PruneError(f"{caller}: {what} must be an int in 1..{size} ({view.name} has {size}), got {count!r}")
+    layers = nn.ModuleList([copy.deepcopy(view.layer)])
+    # The copied owner gets the one-layer list in place of the original list (deepcopy's memo), so the
+    # other layers are never copied.
+    owner = copy.deepcopy(encoder.list_owner, memo={id(encoder.layers): layers})
+    if encoder.layout.list_owner_count is not None:
+        setattr(owner, encoder.layout.list_owner_count, len(layers))
+    copied = _views(_Encoder(encoder.config, encoder.layout, view.name, layers, owner), caller)[0]
+    if heads is not None and heads < view.heads:
+        _keep_heads(copied, encoder.layout, list(range(heads)))
+    if intermediate is not None and intermediate < view.intermediate:
+        _keep_neurons(copied, encoder.layout, list(range(intermediate)))
+    return owner
+
+
 def _linear_parameters(module: nn.Module) -> int:
     """in*out weights plus out biases (counted from the shapes, so a packed QLinear counts the same)."""
     bias = module.out_features if getattr(module, "bias", None) is not None else 0
@@ -456,5 +487,6 @@ def layer_flops(view: LayerView, seq_len: int) -> int:
     return linears + attention
 
 
-__all__ = ["LayerView", "PruneError", "apply_structure", "encoder_layers", "layer_flops", "layer_parameters",
-           "pruning_record", "remove_heads", "remove_layers", "remove_neurons", "require_plain"]
+__all__ = ["DEFAULT_SEQ_LEN", "LayerView", "PruneError", "apply_structure", "encoder_layers", "layer_flops", "layer_parameters",
+           "pruning_record", "remove_heads", "remove_layers", "remove_neurons", "require_plain",
+           "single_layer_encoder"]

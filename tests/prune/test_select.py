@@ -221,7 +221,7 @@ def _smallest_flops() -> int:
 
 
 BAD = [
-    ("no budget", {}, r"give exactly one budget of count, fraction, max_flops; got none"),
+    ("no budget", {}, r"give exactly one budget of count, fraction, max_flops, max_latency_us; got none"),
     ("two budgets", {"count": 1, "fraction": 0.5}, r"got count=1, fraction=0.5"),
     ("negative count", {"count": -1}, r"count must be a non-negative int, got -1"),
     ("float count", {"count": 1.0}, r"count must be a non-negative int, got 1.0"),
