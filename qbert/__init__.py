@@ -12,9 +12,9 @@ import importlib.util
 import sys
 
 from qbert import ops
-from qbert.allocate.plan import Plan
 from qbert.io import QuantizedFileError, load_quantized, save_quantized
 from qbert.nn import QLinear, quantize
+from qbert.nn.plan import Plan
 from qbert.ops import BackendError, FallbackWarning, use_backend
 from qbert.prune import prune_ffn, prune_heads, prune_layers
 from qbert.sparse import BlockLayout, sparsify_attention

@@ -263,14 +263,10 @@ def _allocate(args: argparse.Namespace) -> int:
     return allocate_command.run_allocate(args)
 
 
-def _quantize(args: argparse.Namespace) -> int:
-    from qbert.allocate import command as allocate_command
-
-    return allocate_command.run_quantize(args)
-
-
-COMMANDS = {"info": _info, "demo": _demo, "bench": _bench, "allocate": _allocate, "quantize": _quantize,
-            # imported when used: qbert.embed_command imports this module, and Ray only when it runs
+COMMANDS = {"info": _info, "demo": _demo, "bench": _bench, "allocate": _allocate,
+            # imported when used: qbert.quantize_command and qbert.embed_command import this module (and
+            # embed imports Ray only when it runs)
+            "quantize": lambda args: importlib.import_module("qbert.quantize_command").run(args),
             "embed": lambda args: importlib.import_module("qbert.embed_command").run(args)}
 
 
@@ -289,8 +285,7 @@ def build_parser() -> ArgumentParser:
     H.add_arguments(bench)
     allocate_command.add_allocate_arguments(
         commands.add_parser("allocate", help="choose a format per layer from Hessian sensitivities (a plan)"))
-    allocate_command.add_quantize_arguments(
-        commands.add_parser("quantize", help="apply a plan to a model and save it quantized"))
+    importlib.import_module("qbert.quantize_command").add_parser(commands)
     importlib.import_module("qbert.embed_command").add_parser(commands)
     return parser
 
@@ -299,7 +294,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions a command raises for what the user asked (printed as one line, exit USAGE_EXIT)."""
     from qbert.allocate import command as allocate_command
 
-    return (UsageError, *allocate_command.ERRORS)
+    return (UsageError, *allocate_command.ERRORS, *importlib.import_module("qbert.quantize_command").ERRORS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,11 +57,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qbert import io
-from qbert.allocate.plan import PLAN_FORMAT, Plan
 from qbert.models import family_of
 from qbert.nn.formats import FORMATS, LinearFormat, check_option, linear_format
 from qbert.nn.fused import FusedLayer, fuse
 from qbert.nn.gptq import NEAREST
+from qbert.nn.plan import PLAN_FORMAT, Plan
 from qbert.nn.qlinear import QLinear
 from qbert.nn.quantize import SUMMARY_ATTR, QuantizeSummary, _check_options, _set_module, swap_linears
 

@@ -494,7 +494,7 @@ def _config(path: str, metadata: dict[str, str], model_class: type, stored: dict
     qbert's block-sparse attention (``ATTENTION_NAME``) is refused too: ``sparsify_attention`` sets it at
     run time, the saved config never records it, and a file holds no block layouts.
     """
-    from qbert.nn.attention import ATTENTION_NAME
+    from qbert.sparse.attention import ATTENTION_NAME
 
     raw = _parse_json(path, metadata, KEY_CONFIG)
     if not isinstance(raw, dict):

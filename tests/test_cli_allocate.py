@@ -12,9 +12,9 @@ import transformers
 
 import qbert
 from qbert import cli
-from qbert.allocate import Plan
 from qbert.allocate.calibration import input_batches, load_model
 from qbert.nn import QLinear, Rounding, linear_format
+from qbert.nn.plan import Plan
 from tests.nn import _tiny_models as T
 from tests.test_cli_errors import assert_user_error
 

@@ -19,9 +19,9 @@ from torch import nn
 
 from qbert.allocate.budget import BITS_PER_BYTE, MB, Budget
 from qbert.allocate.layers import layer_bytes, linear_layers, weights_of
-from qbert.allocate.plan import Plan
 from qbert.allocate.solvers import SOLVERS, AllocationError, Problem
 from qbert.nn.formats import LinearFormat
+from qbert.nn.plan import Plan
 
 METHODS = (*SOLVERS, "rank", "reverse")
 RANK_METHODS = ("rank", "reverse")

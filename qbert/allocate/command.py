@@ -1,4 +1,5 @@
-"""The ``qbert allocate`` and ``qbert quantize`` commands (argument parsing, reports, the plot)."""
+"""The ``qbert allocate`` command (argument parsing, report, the plot), and the calibration batch options
+that ``qbert quantize`` (``qbert.quantize_command``) shares with it."""
 
 from __future__ import annotations
 
@@ -6,23 +7,15 @@ import argparse
 import contextlib
 import importlib.util
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from qbert.allocate.allocator import METHODS, RANK_METHODS, allocate
-from qbert.allocate.budget import BITS_PER_BYTE, MB, Budget, parse_budget
-from qbert.allocate.calibration import (
-    MIN_MAX_LENGTH,
-    CalibrationError,
-    calibration,
-    input_batches,
-    load_model,
-)
+from qbert.allocate.budget import Budget, parse_budget
+from qbert.allocate.calibration import MIN_MAX_LENGTH, CalibrationError, calibration, input_batches
 from qbert.allocate.layers import default_ties, quantizable_modules
-from qbert.allocate.plan import Plan, PlanError
 from qbert.allocate.solvers import AllocationError
 from qbert.cli import (
     UsageError,
@@ -32,23 +25,21 @@ from qbert.cli import (
     finite_float,
     int_in_range,
     positive_int,
-    writable_dir,
     writable_file,
 )
 from qbert.nn.gptq import GPTQ, Rounding
 from qbert.nn.gptq import METHODS as ROUNDINGS
+from qbert.nn.plan import Plan
 from qbert.quant.gptq import GPTQError
 
 DEFAULT_FORMATS = "w2a16,w3a16,w4a16,w8a16"
 SENSITIVITY_METHODS = ("trace", "eigen")
-QUANTIZED_FILE = "model.safetensors"
 # Power iteration stops when ||H v - lambda v|| <= rel_tol * |lambda|: a tolerance of 1 or more would accept
 # an estimate off by as much as the eigenvalue itself.
 REL_TOL = finite_float(0.0, 1.0, open_low=True, open_high=True)
 SEED = int_in_range(0, 2**64 - 1)  # torch.Generator.manual_seed takes a 64-bit seed
 MAX_LENGTH = int_in_range(MIN_MAX_LENGTH)
 DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_BATCHES = 8, 128, 4
-BATCH_OPTIONS = ("batch_size", "max_length", "max_batches")
 _SCALAR_LABEL = {"trace": "Tr(H) / n (Hutchinson)", "eigen": "Q-BERT Omega = |mean lambda| + std lambda"}
 
 ALLOCATE_HELP = f"""\
@@ -81,17 +72,6 @@ sensitivity per layer, coloured by the chosen format.
 """
 
 
-QUANTIZE_HELP = f"""\
-Apply a plan (qbert allocate) to a save_pretrained model and write qbert.save_quantized output to
-OUT/{QUANTIZED_FILE}; prints the size table.
-
-A plan that names GPTQ rounding (qbert allocate --rounding gptq) needs calibration inputs: --data, a .jsonl
-or text file as for qbert allocate (labels are not needed, and ignored), tokenized by the model's tokenizer
-into the first --max-batches batches of --batch-size examples of at most --max-length tokens (defaults
-{DEFAULT_MAX_BATCHES}, {DEFAULT_BATCH_SIZE}, {DEFAULT_MAX_LENGTH}). A plan without GPTQ takes no --data.
-"""
-
-
 def budget_arg(text: str) -> Budget:
     """The --budget argument type: ``parse_budget``'s error as argparse's."""
     try:
@@ -115,7 +95,7 @@ def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetric", action="store_true", help="symmetric codes for every format")
     parser.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
                         help="the rounding the plan is made for and names (default nearest)")
-    _add_batch_arguments(parser, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_BATCHES)
+    add_batch_arguments(parser, DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_BATCHES)
     parser.add_argument("--probes", type=positive_int, default=32, help="trace: Hutchinson probes (default 32)")
     parser.add_argument("--joint", action="store_true",
                         help="trace: one probe and one double backward for all layers at once (faster, noisier)")
@@ -133,8 +113,8 @@ def add_allocate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the Hessian products run (default cuda when available, else cpu)")
 
 
-def _add_batch_arguments(parser: argparse.ArgumentParser, batch_size: int | None, max_length: int | None,
-                         max_batches: int | None) -> None:
+def add_batch_arguments(parser: argparse.ArgumentParser, batch_size: int | None, max_length: int | None,
+                        max_batches: int | None) -> None:
     """--batch-size, --max-length, --max-batches with these defaults (quantize's None: not given; the
     defaults shown then apply with --data)."""
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
@@ -143,17 +123,6 @@ def _add_batch_arguments(parser: argparse.ArgumentParser, batch_size: int | None
                         help=f"tokens per example at most, >= {MIN_MAX_LENGTH} (default {DEFAULT_MAX_LENGTH})")
     parser.add_argument("--max-batches", type=positive_int, default=max_batches,
                         help=f"calibration batches (default {DEFAULT_MAX_BATCHES})")
-
-
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = QUANTIZE_HELP
-    parser.add_argument("--model", required=True, type=existing_dir, help="save_pretrained model directory")
-    parser.add_argument("--plan", required=True, type=existing_file, help="plan file (JSON)")
-    parser.add_argument("--out", required=True, type=writable_dir, help=f"output directory (gets {QUANTIZED_FILE})")
-    parser.add_argument("--data", type=existing_file,
-                        help="GPTQ calibration examples (.jsonl or text); needed by a plan naming GPTQ rounding")
-    _add_batch_arguments(parser, None, None, None)
 
 
 def _formats(args: argparse.Namespace) -> list:
@@ -170,7 +139,7 @@ def _formats(args: argparse.Namespace) -> list:
 
 
 @contextlib.contextmanager
-def _reading(what: str) -> Iterator[None]:
+def reading(what: str) -> Iterator[None]:
     """An input that cannot be read (OSError: missing weights, a permission) is the user's to fix."""
     try:
         yield
@@ -247,7 +216,7 @@ def run_allocate(args: argparse.Namespace) -> int:
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("the plot needs matplotlib (pip install 'qbert[bench]'); or pass --no-plot")
     formats = _formats(args)
-    with _reading(f"--model {args.model} / --data {args.data}"):
+    with reading(f"--model {args.model} / --data {args.data}"):
         model, batches, loss_fn = calibration(args.model, args.data, batch_size=args.batch_size,
                                               max_length=args.max_length, max_batches=args.max_batches,
                                               seed=args.seed)
@@ -280,69 +249,7 @@ def run_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
-def size_table(model) -> str:
-    """The ``qbert.nn.linear_bytes`` table: layer, format, weights, bytes, bits per weight, and totals."""
-    from qbert.nn.size import linear_bytes
-
-    rows = linear_bytes(model)
-    width = max(len(r.names[0]) for r in rows)
-    lines = [f"{'layer':<{width}}  {'format':<16}  {'weights':>9}  {'bytes':>10}  bits/weight"]
-    lines += [f"{r.names[0]:<{width}}  {r.format:<16}  {r.weights:>9}  {r.total:>10}  {r.bits_per_weight:.3f}"
-              for r in rows]
-    weights, total = sum(r.weights for r in rows), sum(r.total for r in rows)
-    lines.append(f"{'total':<{width}}  {'':<16}  {weights:>9}  {total:>10}  {BITS_PER_BYTE * total / weights:.3f}"
-                 f"  ({total / MB:.6g} MB)")
-    return "\n".join(lines)
-
-
-def _calibration_inputs(args: argparse.Namespace, plan: Plan) -> list[dict] | None:
-    """GPTQ's calibration batches from --data when the plan names GPTQ rounding, else None; --data without
-    GPTQ, or GPTQ without --data, is a usage error."""
-    gptq_layers = [name for name, rounding in plan.rounding.items() if rounding.method == GPTQ]
-    given = [f"--{option.replace('_', '-')}" for option in BATCH_OPTIONS if getattr(args, option) is not None]
-    if gptq_layers and args.data is None:
-        more = f" and {len(gptq_layers) - 1} more layers" if len(gptq_layers) > 1 else ""
-        raise UsageError(f"--plan {args.plan} names GPTQ rounding for {gptq_layers[0]}{more}; GPTQ needs "
-                         f"calibration inputs: pass --data FILE (.jsonl or text, e.g. the examples the plan was "
-                         f"allocated on)")
-    if not gptq_layers and args.data is not None:
-        raise UsageError(f"--data is only used by GPTQ rounding, and --plan {args.plan} names none (every layer "
-                         f"rounds to nearest); leave --data out")
-    if args.data is None and given:
-        raise UsageError(f"{', '.join(given)} shape the --data batches; without --data nothing uses them")
-    if args.data is None:
-        return None
-    with _reading(f"--model {args.model} / --data {args.data}"):
-        return input_batches(args.model, args.data,
-                             batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
-                             max_length=DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length,
-                             max_batches=DEFAULT_MAX_BATCHES if args.max_batches is None else args.max_batches)
-
-
-def run_quantize(args: argparse.Namespace) -> int:
-    import qbert
-
-    with _reading(f"--plan {args.plan}"):
-        plan = Plan.load(args.plan)
-    calibration_inputs = _calibration_inputs(args, plan)
-    with _reading(f"--model {args.model}"):
-        model = load_model(args.model)
-    try:  # quantize's ValueErrors with a plan: it names a layer the model lacks, or splits a shared one
-        # GPTQ's progress bar only on a terminal: elsewhere an error stays the one line on stderr.
-        qbert.quantize(model, plan, calibration=calibration_inputs, progress=sys.stderr.isatty())
-    except GPTQError:
-        raise  # the layer's inputs cannot calibrate it (ERRORS): the message names the layer and the remedy
-    except ValueError as exc:
-        raise UsageError(f"--plan {args.plan} does not fit --model {args.model}: {exc}") from exc
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, QUANTIZED_FILE)
-    qbert.save_quantized(model, path)
-    print(size_table(model))
-    print(f"written: {path}")
-    return 0
-
-
-# What the commands raise for the user's inputs, reported by qbert.cli.main as one line and exit status 2
-# (besides qbert.cli.UsageError): a model or data file that cannot be used, an infeasible budget, a bad plan,
-# calibration inputs that GPTQ cannot round a layer with.
-ERRORS = (CalibrationError, AllocationError, PlanError, GPTQError)
+# What the command raises for the user's inputs, reported by qbert.cli.main as one line and exit status 2
+# (besides qbert.cli.UsageError): a model or data file that cannot be used, an infeasible budget, calibration
+# inputs that GPTQ cannot round a layer with.
+ERRORS = (CalibrationError, AllocationError, GPTQError)

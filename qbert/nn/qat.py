@@ -127,7 +127,7 @@ def prepare_qat(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
     ``FakeQuantLinear`` of the same formats, in place; return ``model``.
 
     Arguments are those of ``qbert.quantize`` (a mode or ``LinearFormat`` with overrides, ``skip`` and
-    ``include_head``; or a ``qbert.allocate.Plan`` / mapping name -> format, which quantizes exactly the
+    ``include_head``; or a ``qbert.Plan`` / mapping name -> format, which quantizes exactly the
     listed modules), with the same errors. A shared layer becomes one FakeQuantLinear at every name. The
     choice is recorded in ``model.qbert_qat_summary`` (a ``QuantizeSummary``). Train, then ``convert``.
     """

@@ -16,6 +16,7 @@ from qbert.models._family import first_match
 from qbert.nn import fused, gptq
 from qbert.nn.formats import LinearFormat, check_option, linear_format
 from qbert.nn.gptq import NEAREST, NEAREST_ROUNDING, Rounding, rounding_of
+from qbert.nn.plan import Plan
 from qbert.nn.qlinear import QLinear
 
 SUMMARY_ATTR = "qbert_summary"
@@ -67,7 +68,7 @@ def quantize(model: nn.Module, mode: str | LinearFormat | Mapping = "w8a8",
 
     mode: one format for every layer -- a mode name (``"w8a8"``, ``"w8a16"``, ``"w4a16"``, ``"w3a16"``,
         ``"w2a16"``, ``"w4a8"``, ``"w3a8"``, ``"w2a8"``; see ``qbert.nn.formats``) or a ``LinearFormat`` --
-        or a plan: a ``qbert.allocate.Plan`` (or a mapping of module name -> mode name / LinearFormat)
+        or a plan: a ``qbert.Plan`` (or a mapping of module name -> mode name / LinearFormat)
         giving each layer its own format. With a plan exactly the listed modules are quantized (heads
         included); a listed name that is not an ``nn.Linear`` of the model is an error.
     group_size, row_groups, symmetric: overrides of a mode's defaults (``linear_format``); e.g.
@@ -247,15 +248,13 @@ def _check_not_prepared_for_qat(model: nn.Module) -> None:
 def _plan_layers(mode, caller: str) -> tuple[dict[str, LinearFormat] | None, dict[str, Rounding]]:
     """The per-layer formats and roundings of a plan argument; (None, {}) when ``mode`` names one format
     for all layers."""
-    from qbert.allocate.plan import Plan
-
     if isinstance(mode, Plan):
         return dict(mode.layers), dict(mode.rounding)
     if isinstance(mode, Mapping):
         return {name: linear_format(fmt) for name, fmt in mode.items()}, {}
     if isinstance(mode, (str, LinearFormat)):
         return None, {}
-    raise TypeError(f"{caller}: mode must be a mode name (str), a LinearFormat, a qbert.allocate.Plan or a "
+    raise TypeError(f"{caller}: mode must be a mode name (str), a LinearFormat, a qbert.Plan or a "
                     f"mapping of module name -> format, got {type(mode).__name__} {mode!r}")
 
 

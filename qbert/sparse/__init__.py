@@ -1,7 +1,9 @@
 """Block-sparse attention layouts: builders, the layout cache, CSR form, and ``sparsify_attention``.
 
-FlexAttention conversions live in ``qbert.sparse.flex`` (imported on demand: it imports FlexAttention).
-Importing this package does not import transformers.
+FlexAttention conversions live in ``qbert.sparse.flex`` (imported on demand: it imports FlexAttention), the
+Hugging Face attention implementation ``"qbert_block_sparse"`` in ``qbert.sparse.attention`` (imported by
+``sparsify_attention`` when it runs: it imports transformers). Importing this package does not import
+transformers.
 """
 
 from qbert.sparse.builders import (

@@ -87,15 +87,15 @@ def sparsify_attention(model: nn.Module, layout: Any = "bigbird", block_size: in
         - a callable ``seq_len -> BlockLayout`` (cache it yourself if it builds).
     block_size: 16, 32, 64 or 128 (default 64) for a builder name.
 
-    Every self-attention module gets the layout (attribute ``qbert.nn.attention.LAYOUT_ATTR``) and the
+    Every self-attention module gets the layout (attribute ``qbert.sparse.attention.LAYOUT_ATTR``) and the
     model's attention implementation becomes ``"qbert_block_sparse"`` (registered with transformers by
-    importing ``qbert.nn.attention``), running ``qbert.ops.block_sparse_attention`` with the padding mask
+    importing ``qbert.sparse.attention``), running ``qbert.ops.block_sparse_attention`` with the padding mask
     as key-padding mask. Supported: encoder models whose ``config.model_type`` is in
     ``ATTENTION_MODULES`` (BERT, MiniLM, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, ALBERT); decoders,
     cross-attention and ``output_attentions`` are refused. The result is recorded in
     ``model.qbert_sparse_attention`` (a ``SparsifySummary``); ``restore_attention`` undoes it.
     """
-    from qbert.nn.attention import ATTENTION_NAME, LAYOUT_ATTR
+    from qbert.sparse.attention import ATTENTION_NAME, LAYOUT_ATTR
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -129,7 +129,7 @@ def sparsify_attention(model: nn.Module, layout: Any = "bigbird", block_size: in
 
 def restore_attention(model: nn.Module) -> nn.Module:
     """Undo ``sparsify_attention``: remove the layouts and set the previous attention implementation."""
-    from qbert.nn.attention import LAYOUT_ATTR
+    from qbert.sparse.attention import LAYOUT_ATTR
 
     summary = getattr(model, SUMMARY_ATTR, None)
     if summary is None:

@@ -11,7 +11,6 @@ from qbert.allocate import (
     AllocationError,
     Budget,
     InfeasibleBudget,
-    Plan,
     allocate,
     default_ties,
     measure_latency,
@@ -19,6 +18,7 @@ from qbert.allocate import (
     uniform_size,
 )
 from qbert.nn import QLinear, linear_bytes, linear_format
+from qbert.nn.plan import Plan
 from tests.nn import _tiny_models as T
 
 W2, W3, W4 = (linear_format(f"w{b}a16") for b in (2, 3, 4))

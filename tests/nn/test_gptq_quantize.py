@@ -8,8 +8,8 @@ from torch import nn
 
 import qbert
 import qbert.nn.gptq as nn_gptq
-from qbert.allocate import Plan
 from qbert.nn import QLinear, Rounding, linear_format
+from qbert.nn.plan import Plan
 from qbert.nn.qat import fake_quantize_weight
 from qbert.quant.gptq import GPTQError, gptq_quantize, input_hessian, reconstruction_error
 from tests.nn import _tiny_models as tiny

@@ -14,7 +14,7 @@ from torch import nn
 
 import qbert
 from qbert.io import KEY_CHECKSUM, KEY_CONFIG, KEY_FLOAT_DTYPE, KEY_LAYERS, KEY_MODEL_CLASS
-from qbert.nn.attention import ATTENTION_NAME
+from qbert.sparse.attention import ATTENTION_NAME
 from tests.nn._tiny_models import VOCAB, build, first_output
 from tests.nn.test_io import FILE_NAME, _quantized, _quoted, _rewrite
 

@@ -8,10 +8,10 @@ from safetensors import safe_open
 from torch import nn
 
 import qbert
-from qbert.allocate import Plan
 from qbert.io import KEY_LAYERS, PLACEHOLDER_SHAPE, PLACEHOLDER_SUFFIX
 from qbert.nn import QLinear, linear_bytes, linear_format
 from qbert.nn.formats import FORMATS, INT8_MODES
+from qbert.nn.plan import Plan
 from qbert.ops.lowbit_linear import lowbit_linear_reference
 from qbert.ops.w4a8_linear import w4a8_linear_reference
 from qbert.quant.lowbit import LowBitScheme, quantize_lowbit

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import qbert
-from qbert.allocate import Plan
 from qbert.nn import QLinear, linear_format
 from qbert.nn.formats import FORMATS
+from qbert.nn.plan import Plan
 from qbert.nn.qat import (
     QAT_SUMMARY_ATTR,
     FakeQuantLinear,

@@ -280,8 +280,8 @@ BAD_OPTIONS = [
     ({"skip": None}, "skip", r"a sequence \(tuple or list\) of str patterns", "NoneType None"),
     ({"skip": {"out"}}, "skip", r"a sequence \(tuple or list\) of str patterns", r"set \{'out'\}"),
     ({"skip": ("out", 3)}, r"skip\[1\]", "str", "int 3"),
-    ({"mode": 8}, "mode", r"a mode name \(str\), a LinearFormat, a qbert.allocate.Plan or a mapping of module "
-                          r"name -> format", "int 8"),
+    ({"mode": 8}, "mode", (r"a mode name \(str\), a LinearFormat, a qbert.Plan or a mapping of module "
+                           r"name -> format"), "int 8"),
     ({"mode": None}, "mode", r"a mode name \(str\), a LinearFormat, .* -> format", "NoneType None"),
 ]
 

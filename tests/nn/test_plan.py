@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from qbert.allocate import PLAN_FORMAT, PLAN_VERSION, Plan, PlanError
 from qbert.nn import Rounding, linear_format
+from qbert.nn.plan import PLAN_FORMAT, PLAN_VERSION, Plan, PlanError
 
 
 def _plan():

@@ -12,7 +12,8 @@ import transformers
 from transformers.masking_utils import create_bidirectional_mask
 
 import qbert
-from qbert.nn.attention import (
+from qbert.sparse import BlockLayout, LayoutSpec, bigbird, per_head, restore_attention, sliding_window
+from qbert.sparse.attention import (
     ATTENTION_NAME,
     LAYOUT_ATTR,
     BlockSparseAttentionError,
@@ -20,7 +21,6 @@ from qbert.nn.attention import (
     key_padding_mask,
     resolve_layout,
 )
-from qbert.sparse import BlockLayout, LayoutSpec, bigbird, per_head, restore_attention, sliding_window
 from qbert.sparse.sparsify import SparsifySummary
 from tests.nn import _tiny_models as tiny
 
