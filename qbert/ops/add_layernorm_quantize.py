@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from qbert.ops import _checks
-from qbert.ops._cuda import tensor_supports
-from qbert.ops._registry import op
+from qbert.ops._registry import Row, op
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 
 NAME = "add_layernorm_quantize"
-_OP = op(NAME)
 # LayerNorm parameters are read as float32 whatever their dtype (the reference's weight.float()).
 PARAM_DTYPES = (*_checks.FLOAT_DTYPES, torch.float64)
 # The eps the kernels accept: normal float32 numbers (see the module docstring).
@@ -92,17 +90,13 @@ def add_layernorm_quantize_reference(x, residual, weight, bias, eps):
     return y, y_q.view(x.shape), y_scale.view(x.shape[:-1])
 
 
-def _cpu(x, residual, weight, bias, eps):
-    return torch.ops.qbert.add_layernorm_quantize_cpu(x, residual, weight, bias, eps)
-
-
 def _triton(x, residual, weight, bias, eps):
     from qbert.kernels.add_layernorm_quantize import add_layernorm_quantize_triton
 
     return add_layernorm_quantize_triton(x, residual, weight, bias, eps)
 
 
-def _triton_supports(x, residual, weight, bias, eps) -> list[str]:
+def _triton_limits(x, residual, weight, bias, eps) -> list[str]:
     from qbert.kernels.add_layernorm_quantize import MAX_K
 
     if x.shape[-1] > MAX_K:
@@ -110,11 +104,7 @@ def _triton_supports(x, residual, weight, bias, eps) -> list[str]:
     return []
 
 
-def _cuda(x, residual, weight, bias, eps):
-    return torch.ops.qbert.add_layernorm_quantize_cuda(x, residual, weight, bias, eps)
-
-
-_OP.register("reference", add_layernorm_quantize_reference)
-_OP.register("cpu", _cpu)
-_OP.register("triton", _triton, _triton_supports)
-_OP.register("cuda", _cuda, tensor_supports)
+_OP = op(NAME, reference=add_layernorm_quantize_reference,
+         cpu=Row(kernel="add_layernorm_quantize_cpu"),
+         triton=Row(_triton, limits=_triton_limits),
+         cuda=Row(kernel="add_layernorm_quantize_cuda"))

@@ -38,7 +38,7 @@ import math
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._registry import op, triton_interpreter
+from qbert.ops._registry import Row, op
 from qbert.sparse.csr import from_csr
 from qbert.sparse.layout import BLOCK_SIZES, BlockLayout
 
@@ -48,8 +48,6 @@ _CUDA_GRID_Y_MAX = 65535  # the kernels launch one program per (batch, head) alo
 NAME = "block_sparse_attention"
 BACKWARD_NAME = "block_sparse_attention_backward"
 HEAD_DIMS = (32, 64, 128)
-_OP = op(NAME)
-_BACKWARD_OP = op(BACKWARD_NAME)
 
 
 # ---- checks -------------------------------------------------------------------------------------------
@@ -341,15 +339,12 @@ def _int32_reasons(q, k, v, key_padding_mask, kv_indices) -> list[str]:
     return reasons
 
 
-def _triton_reasons(q, k, v) -> list[str]:
-    reasons = []
-    if q.device.type == "cpu" and triton_interpreter() and q.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter computes bf16 tl.dot wrongly")
+def _stride_reasons(q, k, v) -> list[str]:
     strided = [name for name, t in (("q", q), ("k", k), ("v", v)) if t.stride(-1) != 1]
-    if strided:
-        reasons.append(f"the triton kernels need a unit stride along head_dim ({', '.join(strided)} "
-                       f"{'has' if len(strided) == 1 else 'have'} another; .contiguous() gives one)")
-    return reasons
+    if not strided:
+        return []
+    return [(f"the triton kernels need a unit stride along head_dim ({', '.join(strided)} "
+             f"{'has' if len(strided) == 1 else 'have'} another; .contiguous() gives one)")]
 
 
 def _triton(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale):
@@ -358,8 +353,8 @@ def _triton(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale)
     return block_sparse_attention_triton(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale)
 
 
-def _triton_supports(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale) -> list[str]:
-    return _triton_reasons(q, k, v) + _int32_reasons(q, k, v, key_padding_mask, kv_indices)
+def _triton_limits(q, k, v, kv_counts, kv_indices, block_size, key_padding_mask, scale) -> list[str]:
+    return _stride_reasons(q, k, v) + _int32_reasons(q, k, v, key_padding_mask, kv_indices)
 
 
 def _triton_backward(*args):
@@ -368,12 +363,13 @@ def _triton_backward(*args):
     return block_sparse_attention_backward_triton(*args)
 
 
-def _triton_backward_supports(grad_out, grad_lse, q, k, v, out, lse, kv_counts, kv_indices, q_counts, q_indices,
-                              block_size, key_padding_mask, scale) -> list[str]:
-    return _triton_reasons(q, k, v) + _int32_reasons(q, k, v, key_padding_mask, kv_indices)
+def _triton_backward_limits(grad_out, grad_lse, q, k, v, out, lse, kv_counts, kv_indices, q_counts, q_indices,
+                            block_size, key_padding_mask, scale) -> list[str]:
+    return _stride_reasons(q, k, v) + _int32_reasons(q, k, v, key_padding_mask, kv_indices)
 
 
-_OP.register("reference", block_sparse_attention_reference)
-_OP.register("triton", _triton, _triton_supports)
-_BACKWARD_OP.register("reference", block_sparse_attention_backward_reference)
-_BACKWARD_OP.register("triton", _triton_backward, _triton_backward_supports)
+# The backward's first tensor, grad_out, has q's dtype (checked): bf16_dot refuses the same inputs.
+_OP = op(NAME, reference=block_sparse_attention_reference,
+         triton=Row(_triton, bf16_dot=True, limits=_triton_limits))
+_BACKWARD_OP = op(BACKWARD_NAME, reference=block_sparse_attention_backward_reference,
+                  triton=Row(_triton_backward, bf16_dot=True, limits=_triton_backward_limits))

@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._cuda import tensor_supports
-from qbert.ops._registry import op
+from qbert.ops._registry import Row, op
 
 NAME = "int8_gemm"
-_OP = op(NAME)
 
 
 def check_operands(name: str, a: torch.Tensor, b: torch.Tensor, a_name: str = "a", b_name: str = "b") -> None:
@@ -55,21 +53,13 @@ def int8_gemm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().T).to(torch.int32)
 
 
-def _cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.ops.qbert.int8_gemm_cpu(a, b)
-
-
 def _triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from qbert.kernels.int8_gemm import int8_gemm_triton
 
     return int8_gemm_triton(a, b)
 
 
-def _cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.ops.qbert.int8_gemm_cuda(a, b)
-
-
-_OP.register("reference", int8_gemm_reference)
-_OP.register("cpu", _cpu)
-_OP.register("triton", _triton)
-_OP.register("cuda", _cuda, tensor_supports)
+_OP = op(NAME, reference=int8_gemm_reference,
+         cpu=Row(kernel="int8_gemm_cpu"),
+         triton=Row(_triton),
+         cuda=Row(kernel="int8_gemm_cuda"))

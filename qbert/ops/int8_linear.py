@@ -18,12 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from qbert.ops import _checks
-from qbert.ops._cuda import tensor_supports
-from qbert.ops._registry import op
+from qbert.ops._registry import Row, op
 from qbert.ops.int8_gemm import check_operands, int8_gemm_reference
 
 NAME = "int8_linear"
-_OP = op(NAME)
 ACTIVATIONS = ("none", "gelu")
 
 
@@ -108,11 +106,7 @@ def _triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation):
     return int8_linear_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
 
 
-def _cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation):
-    return torch.ops.qbert.int8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
-
-
-_OP.register("reference", int8_linear_reference)
-_OP.register("cpu", _cpu)
-_OP.register("triton", _triton)
-_OP.register("cuda", _cuda, tensor_supports)
+_OP = op(NAME, reference=int8_linear_reference,
+         cpu=Row(_cpu, kernel="int8_linear_cpu"),
+         triton=Row(_triton),
+         cuda=Row(kernel="int8_linear_cuda"))

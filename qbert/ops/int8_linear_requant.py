@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from qbert.ops._cuda import tensor_supports
-from qbert.ops._registry import op
+from qbert.ops._registry import Row, op
 from qbert.ops.int8_linear import apply_activation, check_int8_linear, int8_linear_float32
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 
 NAME = "int8_linear_requant"
-_OP = op(NAME)
 
 
 def _check(x_q, x_scale, w_q, w_scale, bias, activation) -> None:
@@ -85,11 +83,7 @@ def _triton(x_q, x_scale, w_q, w_scale, bias, activation):
     return quantize_per_token_triton(y)
 
 
-def _cuda(x_q, x_scale, w_q, w_scale, bias, activation):
-    return torch.ops.qbert.int8_linear_requant_cuda(x_q, x_scale, w_q, w_scale, bias, activation)
-
-
-_OP.register("reference", int8_linear_requant_reference)
-_OP.register("cpu", _cpu, kernels=("int8_linear_cpu", "quantize_per_token_cpu"))
-_OP.register("triton", _triton)
-_OP.register("cuda", _cuda, tensor_supports)
+_OP = op(NAME, reference=int8_linear_requant_reference,
+         cpu=Row(_cpu, kernel=("int8_linear_cpu", "quantize_per_token_cpu")),
+         triton=Row(_triton),
+         cuda=Row(kernel="int8_linear_requant_cuda"))

@@ -17,13 +17,11 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._cuda import tensor_supports
-from qbert.ops._registry import op, triton_interpreter
+from qbert.ops._registry import Row, op
 from qbert.quant.lowbit import dequantize_lowbit
 from qbert.quant.packing import BITS_CHOICES, unpack
 
 NAME = "lowbit_linear"
-_OP = op(NAME)
 
 
 def _check(x, w_packed, scales, zeros, bits, group_size, bias) -> None:
@@ -54,33 +52,13 @@ def lowbit_linear_reference(x, w_packed, scales, zeros, bits, group_size, bias):
     return y.to(x.dtype)
 
 
-_OP.register("reference", lowbit_linear_reference)
-
-
 def _triton(x, w_packed, scales, zeros, bits, group_size, bias):
     from qbert.kernels.lowbit_linear import lowbit_linear_triton
 
     return lowbit_linear_triton(x, w_packed, scales, zeros, bits, group_size, bias)
 
 
-def _triton_supports(x, w_packed, scales, zeros, bits, group_size, bias) -> list[str]:
-    if x.device.type == "cpu" and triton_interpreter() and x.dtype == torch.bfloat16:
-        return ["the Triton interpreter computes bf16 tl.dot wrongly"]
-    return []
-
-
-_OP.register("triton", _triton, _triton_supports)
-
-
-def _cpu(x, w_packed, scales, zeros, bits, group_size, bias):
-    return torch.ops.qbert.lowbit_linear_cpu(x, w_packed, scales, zeros, bits, group_size, bias)
-
-
-_OP.register("cpu", _cpu)
-
-
-def _cuda(x, w_packed, scales, zeros, bits, group_size, bias):
-    return torch.ops.qbert.lowbit_linear_cuda(x, w_packed, scales, zeros, bits, group_size, bias)
-
-
-_OP.register("cuda", _cuda, tensor_supports)
+_OP = op(NAME, reference=lowbit_linear_reference,
+         cpu=Row(kernel="lowbit_linear_cpu"),
+         triton=Row(_triton, bf16_dot=True),
+         cuda=Row(kernel="lowbit_linear_cuda"))

@@ -17,12 +17,10 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._cuda import tensor_supports
-from qbert.ops._registry import op
+from qbert.ops._registry import Row, op
 from qbert.quant.int8 import INT8_QMAX
 
 NAME = "quantize_per_token"
-_OP = op(NAME)
 
 
 def _check(x: torch.Tensor) -> None:
@@ -60,21 +58,13 @@ def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q, scale.masked_fill(~finite, float("nan"))
 
 
-def _cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.qbert.quantize_per_token_cpu(x)
-
-
 def _triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from qbert.kernels.quantize_per_token import quantize_per_token_triton
 
     return quantize_per_token_triton(x)
 
 
-def _cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.qbert.quantize_per_token_cuda(x)
-
-
-_OP.register("reference", quantize_per_token_reference)
-_OP.register("cpu", _cpu)
-_OP.register("triton", _triton)
-_OP.register("cuda", _cuda, tensor_supports)  # csrc/cuda/row_quantize: any K
+_OP = op(NAME, reference=quantize_per_token_reference,
+         cpu=Row(kernel="quantize_per_token_cpu"),
+         triton=Row(_triton),
+         cuda=Row(kernel="quantize_per_token_cuda"))  # csrc/cuda/row_quantize: any K

@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._cuda import tensor_supports
-from qbert.ops._registry import op
+from qbert.ops._registry import Row, op
 from qbert.ops.int8_gemm import int8_gemm_reference
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 from qbert.quant.int8 import INT8_QMAX
@@ -32,7 +31,6 @@ from qbert.quant.lowbit import implicit_zero
 from qbert.quant.packing import unpack
 
 NAME = "w4a8_linear"
-_OP = op(NAME)
 W4A8_BITS = (2, 3, 4)  # (u - zero) must fit an int8 operand
 # The most elements a K group may have: |x_q| <= 127 and |q| <= 2**4 - 1, so a group's int32 sum is exact
 # while W4A8_MAX_GROUP_K * 127 * 15 <= 2**31 - 1.
@@ -100,28 +98,13 @@ def w4a8_linear_reference(x, w_packed, scales, zeros, bits, group_size, bias):
     return y.to(x.dtype)
 
 
-_OP.register("reference", w4a8_linear_reference)
-
-
 def _triton(x, w_packed, scales, zeros, bits, group_size, bias):
-    # Runs under the interpreter for bf16 x too: x is quantized to int8 before any dot.
     from qbert.kernels.lowbit_linear import w4a8_linear_triton
 
     return w4a8_linear_triton(x, w_packed, scales, zeros, bits, group_size, bias)
 
 
-_OP.register("triton", _triton)
-
-
-def _cpu(x, w_packed, scales, zeros, bits, group_size, bias):
-    return torch.ops.qbert.w4a8_linear_cpu(x, w_packed, scales, zeros, bits, group_size, bias)
-
-
-_OP.register("cpu", _cpu)
-
-
-def _cuda(x, w_packed, scales, zeros, bits, group_size, bias):
-    return torch.ops.qbert.w4a8_linear_cuda(x, w_packed, scales, zeros, bits, group_size, bias)
-
-
-_OP.register("cuda", _cuda, tensor_supports)
+_OP = op(NAME, reference=w4a8_linear_reference,
+         cpu=Row(kernel="w4a8_linear_cpu"),
+         triton=Row(_triton),  # no bf16_dot: x is quantized to int8 before any dot, so bf16 x runs anywhere
+         cuda=Row(kernel="w4a8_linear_cuda"))

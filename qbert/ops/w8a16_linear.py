@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._registry import op, triton_interpreter
+from qbert.ops._registry import Row, op
 
 NAME = "w8a16_linear"
-_OP = op(NAME)
 
 
 def _check(x, w_q, w_scale, bias) -> None:
@@ -51,11 +50,5 @@ def _triton(x, w_q, w_scale, bias):
     return w8a16_linear_triton(x, w_q, w_scale, bias)
 
 
-def _triton_supports(x, w_q, w_scale, bias) -> list[str]:
-    if x.device.type == "cpu" and triton_interpreter() and x.dtype == torch.bfloat16:
-        return ["the Triton interpreter computes bf16 tl.dot wrongly"]
-    return []
-
-
-_OP.register("reference", w8a16_linear_reference)
-_OP.register("triton", _triton, _triton_supports)
+_OP = op(NAME, reference=w8a16_linear_reference,
+         triton=Row(_triton, bf16_dot=True))

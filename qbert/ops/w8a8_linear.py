@@ -17,13 +17,11 @@ from __future__ import annotations
 import torch
 
 from qbert.ops import _checks
-from qbert.ops._cuda import tensor_supports
-from qbert.ops._registry import op
+from qbert.ops._registry import Row, op
 from qbert.ops.int8_linear import int8_linear_reference
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 
 NAME = "w8a8_linear"
-_OP = op(NAME)
 
 
 def _check(x, w_q, w_scale, bias) -> None:
@@ -69,7 +67,7 @@ def _cuda(x, w_q, w_scale, bias):
     return torch.ops.qbert.int8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, x.dtype, "none")
 
 
-_OP.register("reference", w8a8_linear_reference)
-_OP.register("cpu", _cpu, kernels=("quantize_per_token_cpu", "int8_linear_cpu"))
-_OP.register("triton", _triton)
-_OP.register("cuda", _cuda, tensor_supports, kernels=("quantize_per_token_cuda", "int8_linear_cuda"))
+_OP = op(NAME, reference=w8a8_linear_reference,
+         cpu=Row(_cpu, kernel=("quantize_per_token_cpu", "int8_linear_cpu")),
+         triton=Row(_triton),
+         cuda=Row(_cuda, kernel=("quantize_per_token_cuda", "int8_linear_cuda")))

@@ -11,7 +11,7 @@ SHAPES = [(1, 1), (7, 13), (129, 257), (3, 5, 768), (128, 3072)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("device,backend", device_backends("quantize_per_token"))
+@pytest.mark.parametrize("device,backend", device_backends("quantize_per_token", reference=False))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_exact_against_reference(device, backend, dtype, shape):
@@ -53,7 +53,7 @@ POSITIONS = (0, 70, 128)
 @pytest.mark.parametrize("value", NONFINITE.values(), ids=NONFINITE.keys())
 def test_nonfinite_row_gets_nan_scale_and_zero_codes(device, backend, dtype, position, value):
     # Exact: row 2 of 5 holds a NaN or an infinity: scale NaN, codes 0 (so it dequantizes to NaN); the
-    # other rows are bit-identical to the all-finite result, and everything equals the reference.
+    # other rows are bit-identical to the all-finite result, and every other backend equals the reference.
     g = torch.Generator().manual_seed(position)
     x = (torch.randn(5, NONFINITE_K, generator=g) * 3).to(dtype).to(device)
     with qbert.use_backend(backend):
@@ -63,6 +63,8 @@ def test_nonfinite_row_gets_nan_scale_and_zero_codes(device, backend, dtype, pos
     others = [0, 1, 3, 4]
     assert torch.equal(q[others], q_clean[others]) and torch.equal(scale[others], scale_clean[others])
     assert scale[2].isnan() and not q[2].any() and (q[2].float() * scale[2]).isnan().all()
+    if backend == "reference":
+        return
     q_ref, scale_ref = quantize_per_token_reference(x)
     torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
     torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0, equal_nan=True)
