@@ -41,13 +41,22 @@ class SparsifySummary:
     previous_implementation: str | None
 
 
-def _layout_source(layout: Any, block_size: int | None, params: dict[str, Any], heads: int):
+def _check_heads(layout_heads: int, heads: tuple[int, ...], subject: str) -> None:
+    """A layout serves every attention module if it has 1 head, or as many as each module (``heads``: the
+    distinct head counts of the modules, several once heads were pruned unevenly)."""
+    if layout_heads == 1 or heads == (layout_heads,):
+        return
+    if len(heads) == 1:
+        raise ValueError(f"sparsify_attention: {subject} must be 1 or the model's num_attention_heads={heads[0]}")
+    raise ValueError(f"sparsify_attention: {subject} must be 1: the attention modules have {list(heads)} heads "
+                     f"(pruned unevenly), and a per-head layout needs one head count in every layer")
+
+
+def _layout_source(layout: Any, block_size: int | None, params: dict[str, Any], heads: tuple[int, ...]):
     if isinstance(layout, str):
         spec = LayoutSpec.of(layout, DEFAULT_BLOCK_SIZE if block_size is None else block_size, **params)
         layout_heads = dict(spec.params).get("heads", 1)
-        if layout_heads not in (1, heads):
-            raise ValueError(f"sparsify_attention: heads={layout_heads} must be 1 or the model's "
-                             f"num_attention_heads={heads}")
+        _check_heads(layout_heads, heads, f"heads={layout_heads}")
         return spec
     if params:
         raise TypeError(f"sparsify_attention: builder parameters {sorted(params)} only apply to a builder name, "
@@ -61,9 +70,7 @@ def _layout_source(layout: Any, block_size: int | None, params: dict[str, Any], 
         if block_size is not None and block_size != layout.block_size:
             raise ValueError(f"sparsify_attention: block_size={block_size} contradicts the layout's "
                              f"block_size={layout.block_size}")
-        if layout.heads not in (1, heads):
-            raise ValueError(f"sparsify_attention: the layout has {layout.heads} heads, the model "
-                             f"num_attention_heads={heads} (a layout needs 1 head or one per attention head)")
+        _check_heads(layout.heads, heads, f"the layout has {layout.heads} heads; a layout's head count")
         return layout
     if callable(layout):
         if block_size is not None:
@@ -72,6 +79,11 @@ def _layout_source(layout: Any, block_size: int | None, params: dict[str, Any], 
         return layout
     raise TypeError(f"sparsify_attention: layout must be a builder name, a LayoutSpec, a BlockLayout or a "
                     f"callable seq_len -> BlockLayout, got {type(layout).__name__}")
+
+
+def _module_heads(module: nn.Module) -> int:
+    heads = getattr(module, "num_attention_heads", None)
+    return module.n_heads if heads is None else heads  # DistilBERT says n_heads
 
 
 def sparsify_attention(model: nn.Module, layout: Any = "bigbird", block_size: int | None = None,
@@ -112,13 +124,13 @@ def sparsify_attention(model: nn.Module, layout: Any = "bigbird", block_size: in
                          "forms the attention probabilities)")
     if getattr(model, SUMMARY_ATTR, None) is not None:
         restore_attention(model)
-    heads = getattr(config, "num_attention_heads", None) or config.n_heads  # DistilBERT says n_heads
-    source = _layout_source(layout, block_size, params, heads)
-
     class_name = ATTENTION_MODULES[model_type]
     names = tuple(name for name, module in model.named_modules() if type(module).__name__ == class_name)
     if not names:
         raise ValueError(f"sparsify_attention: no {class_name} module in {type(model).__name__}")
+    # Each module's own head count: after head pruning (qbert.prune) the config's is only the built one.
+    heads = tuple(sorted({_module_heads(model.get_submodule(name)) for name in names}))
+    source = _layout_source(layout, block_size, params, heads)
     previous = config._attn_implementation
     for name in names:
         setattr(model.get_submodule(name), LAYOUT_ATTR, source)

@@ -213,6 +213,28 @@ def test_invalid_layouts_are_refused(kwargs, error, match):
         qbert.sparsify_attention(build("BertModel"), **kwargs)
 
 
+def test_head_pruned_models_are_checked_against_each_layers_head_count():
+    # 4 heads of size 32 (hidden 128): one head pruned from every layer leaves 3 per layer, so a 3-head
+    # layout fits although the config still says 4; pruned unevenly, only a 1-head layout fits.
+    overrides = {"hidden_size": 128, "num_attention_heads": 4}
+    model = build("BertModel", **overrides)
+    qbert.prune.remove_heads(model, {0: [1], 1: [2]})
+    inputs = tiny.inputs()
+    expected = run(model, **inputs)
+    with pytest.raises(ValueError, match="heads=4 must be 1 or the model's num_attention_heads=3"):
+        qbert.sparsify_attention(model, "dense", block_size=16, heads=4)
+    qbert.sparsify_attention(model, per_head([sliding_window(tiny.SEQ, 16, window=8)] * 3))
+    torch.testing.assert_close(run(model, **inputs), expected, rtol=0, atol=ATOL)
+
+    uneven = build("BertModel", **overrides)
+    qbert.prune.remove_heads(uneven, {0: [1]})
+    expected = run(uneven, **inputs)
+    with pytest.raises(ValueError, match=r"the attention modules have \[3, 4\] heads \(pruned unevenly\)"):
+        qbert.sparsify_attention(uneven, per_head([sliding_window(tiny.SEQ, 16, window=8)] * 3))
+    qbert.sparsify_attention(uneven, "dense", block_size=16)
+    torch.testing.assert_close(run(uneven, **inputs), expected, rtol=0, atol=ATOL)
+
+
 def test_calls_it_cannot_serve_are_refused():
     model = qbert.sparsify_attention(build("BertModel"), "dense", block_size=16)
     inputs = tiny.inputs()
