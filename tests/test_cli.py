@@ -32,6 +32,19 @@ def test_info_does_not_import_triton():
     assert result.stdout.strip() == "False"
 
 
+def test_python_dash_m_qbert_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "qbert", "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "usage: qbert" in done.stdout
+    for command in cli.COMMANDS:
+        assert command in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "qbert", "no-such-command"], capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
 def test_info_names_a_missing_implementation():
     missing = [(n, b) for n in OPS for b in BACKENDS if b not in OPS[n].rows]
     assert missing, "every op has every backend: pick another example"
