@@ -4,6 +4,8 @@
 
 #include <torch/extension.h>
 
+#include "common/constants.h"
+
 #define QBERT_CHECK(cond, op, ...) TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
 
 #define QBERT_CHECK_DTYPE(t, dtype, op)                                                    \
@@ -20,6 +22,12 @@
   QBERT_CHECK((t).device().is_cpu(), op, #t " must be on the CPU, got ", (t).device())
 
 namespace qbert {
+
+// "bits must be one of [2, 3, 4, 8], got 5" unless Widths (a BitWidths of common/constants.h) holds bits.
+template <class Widths>
+void check_bits(const char* op, int64_t bits) {
+  QBERT_CHECK(Widths::contains(bits), op, "bits must be one of ", c10::ArrayRef<int>(Widths::kValues), ", got ", bits);
+}
 
 // add_layernorm_quantize's launchers (cpu and cuda): the residual has x [M, K]'s shape, dtype and device
 // and is contiguous; weight / bias are float [K] on x's device.

@@ -13,9 +13,11 @@
 
 #include <cstdint>
 
+#include "common/constants.h"
+
 namespace qbert::cuda::token {
 
-constexpr float kQmax = 127.f;  // qbert.quant.int8.INT8_QMAX: the clamp and the scale divisor
+constexpr float kQmax = kInt8Qmax;  // the clamp and the scale divisor, as a float
 
 // |v| where v is finite, +inf where it is a NaN or an infinity (NaN < inf is false).
 __device__ __forceinline__ float finite_abs(float v) {

@@ -4,18 +4,14 @@
 #pragma once
 
 #include <cstdint>
-#include <limits>
 
+#include "common/constants.h"
 #include "cpu/gemm_epilogue.h"
 #include "cpu/isa.h"
 
 namespace qbert::cpu {
 
-// The largest K for which an int8 x int8 dot product is exact in int32 whatever the codes (-128 included):
-// K * 128 * 128 <= 2^31 - 1 (qbert/quant/int8.py's INT8_GEMM_MAX_K). Past it the accumulators wrap.
-constexpr int64_t kInt8AbsMax = 128;
-constexpr int64_t kInt8GemmMaxK = std::numeric_limits<int32_t>::max() / (kInt8AbsMax * kInt8AbsMax);
-
+// Exact for K <= kInt8GemmMaxK (common/constants.h); the callers check it.
 void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi, Isa isa);
 
 }  // namespace qbert::cpu

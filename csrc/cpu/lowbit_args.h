@@ -2,7 +2,6 @@
 // the same arguments (specs: qbert/ops/lowbit_linear.py, qbert/ops/w4a8_linear.py).
 #pragma once
 
-#include <initializer_list>
 #include <optional>
 
 #include "common/checks.h"
@@ -17,10 +16,11 @@ struct Operands {
   at::Tensor bias;   // float32 [N], or undefined when there is none
 };
 
-inline Operands check_operands(const char* op, const at::Tensor& x, const at::Tensor& w_packed,
-                               const at::Tensor& scales, const std::optional<at::Tensor>& maybe_zeros, int64_t bits,
-                               int64_t group_size, const std::optional<at::Tensor>& maybe_bias,
-                               std::initializer_list<int64_t> allowed_bits) {
+// Widths: the op's bit widths (LowbitBits or W4A8Bits, common/constants.h).
+template <class Widths>
+Operands check_operands(const char* op, const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& maybe_zeros, int64_t bits, int64_t group_size,
+                        const std::optional<at::Tensor>& maybe_bias) {
   QBERT_CHECK_CPU(x, op);
   QBERT_CHECK_DIM(x, 2, op);
   QBERT_CHECK_CONTIGUOUS(x, op);
@@ -28,9 +28,7 @@ inline Operands check_operands(const char* op, const at::Tensor& x, const at::Te
               op, "x must be Float, Half or BFloat16, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
   QBERT_CHECK(K >= 1, op, "K must be >= 1, got x of shape ", x.sizes());
-  bool bits_ok = false;
-  for (int64_t b : allowed_bits) bits_ok |= b == bits;
-  QBERT_CHECK(bits_ok, op, "bits must be one of ", c10::ArrayRef<int64_t>(allowed_bits), ", got ", bits);
+  check_bits<Widths>(op, bits);
   QBERT_CHECK(group_size >= 1 && (group_size % kPackChunk == 0 || group_size >= K), op,
               "group_size must be a positive multiple of ", kPackChunk, ", or >= K=", K,
               " (one group per row), got ", group_size);

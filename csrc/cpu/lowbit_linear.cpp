@@ -36,8 +36,6 @@
 namespace qbert::cpu {
 namespace {
 
-using lowbit::kPackChunk;
-
 constexpr int kNb = 64;                             // output columns per block (4 zmm)
 constexpr int kPanelK = 4 * kPackChunk;             // k per panel: [128][64] f32 = 32 KiB
 constexpr int kMr = 6;                              // rows of x per AVX-512 micro-tile
@@ -156,18 +154,18 @@ QBERT_ALWAYS_INLINE void direct_tile(const Problem& p, int64_t m0, int64_t n0, i
     }
     F acc[MR][VECS] = {};
 #pragma GCC unroll 8
-    for (int q = 0; q < lowbit::kQuadsPerChunk; ++q) {
+    for (int q = 0; q < kQuadsPerChunk; ++q) {
       U codes[VECS];
 #pragma GCC unroll 16
       for (int v = 0; v < VECS; ++v) lowbit::load_four_codes<BITS>(w + v * kLanes, ldw, q, codes[v]);
 #pragma GCC unroll 4
-      for (int t = 0; t < lowbit::kBytesPerWord; ++t)
+      for (int t = 0; t < kBytesPerWord; ++t)
 #pragma GCC unroll 16
         for (int v = 0; v < VECS; ++v) {
           const U u = (codes[v] >> (lowbit::kByteBits * t)) & lowbit::kLowByte;
           const F w_minus_z = reinterpret_cast<F>(u | kTwoPow23Bits) - zero_f[v];
 #pragma GCC unroll 8
-          for (int r = 0; r < MR; ++r) acc[r][v] += x[r * ldx + lowbit::kBytesPerWord * q + t] * w_minus_z;
+          for (int r = 0; r < MR; ++r) acc[r][v] += x[r * ldx + kBytesPerWord * q + t] * w_minus_z;
         }
     }
 #pragma GCC unroll 8
@@ -364,15 +362,14 @@ at::Tensor lowbit_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, co
                              const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
                              const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "lowbit_linear_cpu";
-  const lowbit::Operands o =
-      lowbit::check_operands(op, x, w_packed, scales, zeros, bits, group_size, bias, {2, 3, 4, 8});
+  const lowbit::Operands o = lowbit::check_operands<LowbitBits>(op, x, w_packed, scales, zeros, bits, group_size, bias);
   const at::Tensor xf = x.to(at::kFloat).contiguous();  // the rows of x in float32, converted once
   at::Tensor out = at::empty({o.M, o.N}, xf.options());
   const Problem p{xf.data_ptr<float>(), w_packed.data_ptr<int32_t>(), scales.data_ptr<float>(),
                   o.zeros.data_ptr<uint8_t>(), o.bias.defined() ? o.bias.data_ptr<float>() : nullptr,
                   out.data_ptr<float>(), o.M, o.N, o.K, group_size};
   const Isa isa = active_isa();
-  lowbit::with_bits<2, 3, 4, 8>(static_cast<int>(bits), [&](auto b) {
+  dispatch_bits<LowbitBits>(static_cast<int>(bits), [&](auto b) {
     constexpr int BITS = decltype(b)::value;
     switch (isa) {
       case Isa::kAvx512Vnni: return run<BITS, Avx512>(p);
@@ -380,7 +377,7 @@ at::Tensor lowbit_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, co
       case Isa::kAvx2: return run<BITS, Avx2>(p);
       case Isa::kScalar: return run<BITS, Scalar>(p);
     }
-  });
+  }, [&] { check_bits<LowbitBits>(op, bits); });  // check_operands has admitted only these widths
   return out.to(x.scalar_type());
 }
 

@@ -14,7 +14,8 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
+
+#include "common/constants.h"
 
 namespace qbert::cpu::lowbit {
 
@@ -24,16 +25,10 @@ namespace qbert::cpu::lowbit {
 #define QBERT_LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")))
 #define QBERT_LOWBIT_AVX2 __attribute__((target("avx2,f16c")))
 
-constexpr int kPackChunk = 32;                            // packing.PACK_CHUNK: codes per chunk
-constexpr int kBytesPerWord = 4;                          // packing.BYTES_PER_WORD
-constexpr int kQuadsPerChunk = kPackChunk / kBytesPerWord;  // 8 runs of 4 codes (one word of bytes each)
+// The chunk geometry (kPackChunk, kBytesPerWord, kQuadsPerChunk) and byte_mask: common/constants.h.
 constexpr int kByteBits = 8;
 constexpr uint32_t kLowByte = 0xFF;
-constexpr uint32_t kByteOnes = 0x01010101u;               // 1 in each byte of a word
 constexpr int kMaxSliceLog2 = 3;                          // the widest slice is 8 bits
-
-// packing.byte_mask: ((1 << width) - 1) in each byte.
-constexpr uint32_t byte_mask(int width) { return ((1u << width) - 1) * kByteOnes; }
 
 // packing.slices: the powers of two in `bits`, widest first, taking the code's bits from the lowest up.
 constexpr int slice_width(int bits, int s) {
@@ -117,13 +112,6 @@ QBERT_ALWAYS_INLINE void vnni_chunk(const int32_t* chunk, int64_t ldw, int nb, c
     }
     for (int n = nb; n < ldp; ++n) panel[q * ldp + n] = 0;
   }
-}
-
-// Static switch over the bit widths an op supports: f(std::integral_constant<int, BITS>{}) for the
-// one equal to `bits` (the caller has checked that there is one).
-template <int... kBits, class F>
-void with_bits(int bits, F&& f) {
-  ((bits == kBits ? (f(std::integral_constant<int, kBits>{}), true) : false) || ...);
 }
 
 }  // namespace qbert::cpu::lowbit

@@ -13,9 +13,11 @@
 #include <cstring>
 #include <limits>
 
+#include "common/constants.h"
+
 namespace qbert::cpu::token {
 
-constexpr float kQmax = 127.0f;             // qbert.quant.int8.INT8_QMAX: symmetric codes, -128 never produced
+constexpr float kQmax = kInt8Qmax;          // the clamp and the scale divisor, as a float
 constexpr uint32_t kAbsMask = 0x7fffffffu;  // clears a float's sign bit
 constexpr uint32_t kInfBits = 0x7f800000u;  // +inf; NaNs lie above it, finite |v| below
 

@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -32,21 +31,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x);
 
 namespace {
 
-using lowbit::kPackChunk;
-using lowbit::kQuadsPerChunk;
-
-constexpr int kQuad = lowbit::kBytesPerWord;  // k per int32 lane of vpdpbusd: the four bytes of a word
+constexpr int kQuad = kBytesPerWord;  // k per int32 lane of vpdpbusd: the four bytes of a word
 constexpr int kCorrShift = avx512::kCorrShift;  // corr = 128 * rowsum (gemm_avx512.h)
 constexpr int kLanes = avx512::kLanes;
 constexpr __mmask16 kAllLanes = 0xFFFF;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The most elements a K group may have (qbert/ops/w4a8_linear.py's W4A8_MAX_GROUP_K): |x_q| <= 127 and
-// |u - zero| <= 2^4 - 1, so a group's int32 sum is exact while it has at most INT32_MAX / (127 * 15).
-constexpr int64_t kActMax = 127;
-constexpr int64_t kCodeMax = 15;
-constexpr int64_t kMaxGroupK = std::numeric_limits<int32_t>::max() / (kActMax * kCodeMax);
 
 struct Problem {
   const int8_t* a;        // x_q [M, lda], rows zero-padded to whole quads
@@ -279,10 +269,11 @@ void run(const Problem& p) {
 }
 
 template <class P>
-void run_isa(int bits, Problem& p, int32_t* corr) {
+void run_isa(const char* op, int bits, Problem& p, int32_t* corr) {
   compute_corr<P>(p, corr);
   p.corr = corr;
-  lowbit::with_bits<2, 3, 4>(bits, [&](auto b) { run<decltype(b)::value, P>(p); });
+  dispatch_bits<W4A8Bits>(bits, [&](auto b) { run<decltype(b)::value, P>(p); },
+                          [&] { check_bits<W4A8Bits>(op, bits); });  // check_operands has admitted only these
 }
 
 }  // namespace
@@ -291,16 +282,15 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
                            const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
                            const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "w4a8_linear_cpu";
-  // (u - zero) must fit an int8 operand.
-  const lowbit::Operands o = lowbit::check_operands(op, x, w_packed, scales, zeros, bits, group_size, bias, {2, 3, 4});
+  const lowbit::Operands o = lowbit::check_operands<W4A8Bits>(op, x, w_packed, scales, zeros, bits, group_size, bias);
   const int64_t top_code = (int64_t{1} << bits) - 1;
   if (zeros.has_value() && zeros->numel() > 0) {
     const int64_t largest = zeros->max().item<int64_t>();
     QBERT_CHECK(largest <= top_code, op, "zero points must be in [0, ", top_code, "] for bits=", bits,
                 " (u - zero must fit an int8 operand), got a zero point of ", largest);
   }
-  QBERT_CHECK(std::min(group_size, o.K) <= kMaxGroupK, op, "a K group of min(group_size=", group_size, ", K=", o.K,
-              ") elements exceeds ", kMaxGroupK, ", beyond which its int32 sum can overflow");
+  QBERT_CHECK(std::min(group_size, o.K) <= kW4A8MaxGroupK, op, "a K group of min(group_size=", group_size, ", K=",
+              o.K, ") elements exceeds ", kW4A8MaxGroupK, ", beyond which its int32 sum can overflow");
   const auto [x_q, x_scale] = quantize_per_token_cpu(x);
   // The micro-kernels read whole quads of k: pad the rows of x_q with zeros (which add nothing).
   const int64_t lda = ceil_div(o.K, kQuad) * kQuad;
@@ -313,10 +303,10 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
             out.data_ptr<float>(), o.M, o.N, o.K, group_size, o.groups};
   int32_t* c = corr.data_ptr<int32_t>();
   switch (active_isa()) {
-    case Isa::kAvx512Vnni: run_isa<Avx512>(static_cast<int>(bits), p, c); break;
-    case Isa::kAvxVnni: run_isa<AvxVnni>(static_cast<int>(bits), p, c); break;
-    case Isa::kAvx2: run_isa<Avx2>(static_cast<int>(bits), p, c); break;
-    case Isa::kScalar: run_isa<Scalar>(static_cast<int>(bits), p, c); break;
+    case Isa::kAvx512Vnni: run_isa<Avx512>(op, static_cast<int>(bits), p, c); break;
+    case Isa::kAvxVnni: run_isa<AvxVnni>(op, static_cast<int>(bits), p, c); break;
+    case Isa::kAvx2: run_isa<Avx2>(op, static_cast<int>(bits), p, c); break;
+    case Isa::kScalar: run_isa<Scalar>(op, static_cast<int>(bits), p, c); break;
   }
   return out.to(x.scalar_type());
 }

@@ -10,8 +10,9 @@
 //     ldmatrix and cp.async phase is free of bank conflicts and that the epilogue's thread layout
 //     covers each tile element exactly once. Prints one "ok <config>" line per config.
 //   int8_gemm_host_checks plan
-//     Reads "M N K kind cc_major cc_minor sm_count" lines from stdin and prints plan_int8_gemm's answer
-//     for each: "status kernel block_m block_n m_tiles n_tiles grid ctas_per_sm coresident".
+//     Reads "M N K kind cc_major cc_minor sm_count smem_per_sm smem_reserved_per_cta threads_per_sm" lines
+//     (a DeviceInfo after the shape) from stdin and prints plan_int8_gemm's answer for each: "status kernel
+//     block_m block_n m_tiles n_tiles grid ctas_per_sm coresident".
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -211,9 +212,11 @@ int fragments() {
 }
 
 int plan() {
-  int M, N, K, kind, major, minor, sms;
-  while (std::scanf("%d %d %d %d %d %d %d", &M, &N, &K, &kind, &major, &minor, &sms) == 7) {
-    const Plan p = plan_int8_gemm(M, N, K, static_cast<OutKind>(kind), DeviceInfo{sms, major, minor});
+  int M, N, K, kind;
+  DeviceInfo dev{};
+  while (std::scanf("%d %d %d %d %d %d %d %d %d %d", &M, &N, &K, &kind, &dev.cc_major, &dev.cc_minor, &dev.sm_count,
+                    &dev.smem_per_sm, &dev.smem_reserved_per_cta, &dev.threads_per_sm) == 10) {
+    const Plan p = plan_int8_gemm(M, N, K, static_cast<OutKind>(kind), dev);
     std::printf("%d %d %d %d %d %d %d %d %d\n", static_cast<int>(p.status), static_cast<int>(p.kernel), p.block_m,
                 p.block_n, p.m_tiles, p.n_tiles, p.grid, p.ctas_per_sm, p.coresident);
   }

@@ -18,6 +18,7 @@ test_int8_linear_requant.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import subprocess
@@ -123,17 +124,28 @@ def test_fragment_layouts_and_swizzle(builds):
 # ---- plan_int8_gemm ------------------------------------------------------------------------------------
 
 
+KIB = 1024
+# What cudaDeviceGetAttribute reports for the driver's shared-memory reservation per resident CTA.
+SMEM_RESERVED_PER_CTA = 1 * KIB
+
+
 @dataclass(frozen=True)
 class Device:
+    """The fields of int8_gemm_kernel.cuh's DeviceInfo, which int8_gemm.cu reads from the device (values
+    here: CUDA C++ Programming Guide, "Technical Specifications per Compute Capability")."""
+
     name: str
     cc_major: int
     cc_minor: int
     sm_count: int
+    smem_per_sm: int
+    threads_per_sm: int
+    smem_reserved_per_cta: int = SMEM_RESERVED_PER_CTA
 
 
-H100 = Device("H100", 9, 0, 132)
-A100 = Device("A100", 8, 0, 108)
-RTX4090 = Device("RTX4090", 8, 9, 128)  # 100 KB of shared memory per SM, 1536 threads
+H100 = Device("H100", 9, 0, 132, smem_per_sm=228 * KIB, threads_per_sm=2048)
+A100 = Device("A100", 8, 0, 108, smem_per_sm=164 * KIB, threads_per_sm=2048)
+RTX4090 = Device("RTX4090", 8, 9, 128, smem_per_sm=100 * KIB, threads_per_sm=1536)
 
 
 @dataclass(frozen=True)
@@ -151,7 +163,8 @@ class PlanRow:
 
 def _plans(builds, cases: list[tuple[int, int, int, int, Device]]) -> list[PlanRow]:
     """plan_int8_gemm(M, N, K, kind, device) for each case, from the host checks program."""
-    lines = "".join(f"{m} {n} {k} {kind} {d.cc_major} {d.cc_minor} {d.sm_count}\n" for m, n, k, kind, d in cases)
+    lines = "".join(f"{m} {n} {k} {kind} {d.cc_major} {d.cc_minor} {d.sm_count} {d.smem_per_sm} "
+                    f"{d.smem_reserved_per_cta} {d.threads_per_sm}\n" for m, n, k, kind, d in cases)
     result = subprocess.run([str(_nvcc.result(builds, "host")), "plan"], input=lines, capture_output=True,
                                   text=True, check=True)
     rows = [PlanRow(*map(int, line.split())) for line in result.stdout.splitlines()]
@@ -194,15 +207,24 @@ def test_plan_counts_shared_memory_per_sm(builds):
     assert [(r.kernel, r.ctas_per_sm) for r in rows] == [(LARGE, 2), (LARGE, 1)]
 
 
+def test_plan_takes_shared_memory_from_the_device(builds):
+    # The per-SM shared memory is what the device reports (DeviceInfo), not a table by compute capability:
+    # a cc 8.0 device reporting a 4090's 100 KB fits one 128 x 128 CTA, as the 4090 does, not an A100's two.
+    small_smem_a100 = dataclasses.replace(A100, name="A100 with 100 KB", smem_per_sm=RTX4090.smem_per_sm)
+    rows = _plans(builds, [(16384, 3072, 768, K_F16, dev) for dev in (A100, small_smem_a100)])
+    assert [(r.kernel, r.ctas_per_sm) for r in rows] == [(LARGE, 2), (LARGE, 1)]
+
+
 @pytest.mark.parametrize("cc", [(7, 5), (10, 0), (12, 0)], ids=lambda c: f"cc{c[0]}{c[1]}")
 def test_plan_refuses_unsupported_devices(builds, cc):
-    rows = _plans(builds, [(512, 768, 768, K_F32, Device("other", *cc, 100))])
+    other = dataclasses.replace(H100, name="other", cc_major=cc[0], cc_minor=cc[1], sm_count=100)
+    rows = _plans(builds, [(512, 768, 768, K_F32, other)])
     assert rows[0].status == UNSUPPORTED_DEVICE and rows[0].grid == 0
 
 
 def test_plan_refuses_requant_rows_wider_than_the_gpu(builds):
     # kS8 needs a row block's n_tiles CTAs resident at once: 4 SMs cannot hold N = 2**20 / 64 of them.
-    tiny = Device("tiny", 8, 0, 4)
+    tiny = dataclasses.replace(A100, name="tiny", sm_count=4)
     rows = _plans(builds, [(m, 1 << 20, 768, kind, tiny) for m in (8, 4096) for kind in (K_S8, K_F16)])
     assert [r.status for r in rows] == [ROW_TOO_WIDE, OK, ROW_TOO_WIDE, OK]
     assert all(r.grid == 0 for r in rows[::2])

@@ -3,8 +3,9 @@
 tests/cuda/lowbit_linear_instantiations.cu instantiates the torch-free launch functions of
 csrc/cuda/lowbit_linear/lowbit_linear_kernel.cuh for every dtype, which instantiates every kernel the
 launcher can run: the tensor-core kernel for (small-M, large-M) x A16 bits {2, 3, 4, 8} x {f16, bf16}
-and x A8 bits {2, 3, 4} x {f32, f16, bf16} outputs, the f32 SIMT kernel for each bit width, the
-per-token quantizer and the split-K reduction for each dtype. Checked per arch:
+and x A8 bits {2, 3, 4} x {f32, f16, bf16} outputs, the f32 SIMT kernel for each bit width and the
+split-K reduction for each dtype (W4A8's per-token quantizer is quantize_per_token's own kernel, checked by
+tests/cuda/test_nvcc_row_quantize.py). Checked per arch:
   * every one of those kernels is in the cubin, and ptxas reports 0 bytes of spill stores / loads;
   * SASS: the W4A8 kernels run on the int8 tensor cores (IMMA, no HMMA), the A16 tensor-core kernels
     on HMMA, the f32 SIMT kernel on neither;
@@ -33,7 +34,7 @@ A8_TYPES = ("float", "__half", "__nv_bfloat16")
 ALL_TYPES = ("float", "__half", "__nv_bfloat16")
 TILE_CONFIGS = 2  # small-M and large-M
 _MMA = re.compile(r"lowbit_mma_kernel<[\w:]*TileConfig<([\d, ]+)>, (\d+), (\w+), (true|false)>")
-_OTHER = re.compile(r"(lowbit_simt_kernel|quantize_rows_kernel|split_reduce_kernel)<(\w+)>")
+_OTHER = re.compile(r"(lowbit_simt_kernel|split_reduce_kernel)<(\w+)>")
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,7 @@ def test_every_kernel_is_instantiated(builds, arch):
         assert len(tiles) == TILE_CONFIGS, f"{combo}: tile configs {tiles}"
     assert {k[2:] for k in mma} == expected
     assert sorted(k for k in kinds if k[0] == "lowbit_simt_kernel") == [("lowbit_simt_kernel", str(b)) for b in (2, 3, 4, 8)]
-    for kind in ("quantize_rows_kernel", "split_reduce_kernel"):
-        assert sorted(k[1] for k in kinds if k[0] == kind) == sorted(ALL_TYPES)
+    assert sorted(k[1] for k in kinds if k[0] == "split_reduce_kernel") == sorted(ALL_TYPES)
 
 
 @pytest.mark.parametrize("arch", _nvcc.ARCHS)

@@ -1,7 +1,8 @@
-"""The row kernels of csrc/cuda/row_quantize (add_layernorm_quantize, quantize_per_token), compiled by nvcc
-for sm_80 and sm_90a without a GPU.
+"""The row kernels of csrc/cuda/row_quantize (add_layernorm_quantize, quantize_per_token, and w4a8_linear's
+activation quantizer, which is quantize_per_token's kernel writing padded rows), compiled by nvcc for sm_80
+and sm_90a without a GPU.
 
-tests/cuda/row_quantize_instantiations.cu instantiates the torch-free launch function for every dtype,
+tests/cuda/row_quantize_instantiations.cu instantiates the torch-free launch functions for every dtype,
 which instantiates every kernel the launcher can run: {f32, f16, bf16} x {quantize only, LayerNorm,
 residual add + LayerNorm} x {16-byte vectors, single elements} x {warp per row, block per row}. Checked
 per arch:

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/constants.h"
 #include "cuda/int8_gemm/int8_gemm_kernel.cuh"
 
 namespace qbert::cuda::int8 {
@@ -19,16 +20,15 @@ namespace {
 // The kernels copy 16-byte pieces of each a / b row, so K must be a multiple of 16 and rows must start
 // 16-byte aligned.
 constexpr int64_t kKAlign = kCpAsyncBytes;
-// The largest K for which an int8 x int8 dot product is exact in int32 whatever the codes:
-// K * 128 * 128 <= 2^31 - 1 (qbert/quant/int8.py's INT8_GEMM_MAX_K).
-constexpr int64_t kInt8AbsMax = 128;
-constexpr int64_t kMaxK = INT32_MAX / (kInt8AbsMax * kInt8AbsMax);
 
 DeviceInfo device_info(int device) {
   DeviceInfo info{};
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_reserved_per_cta, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
   return info;
 }
 
@@ -52,7 +52,7 @@ void check_operands(const char* op, const at::Tensor& a, const at::Tensor& b, co
   QBERT_CHECK(a.dim() == 2 && b.dim() == 2, op, a_name, " and ", b_name, " must be 2-D, got shapes ", a.sizes(),
               " and ", b.sizes());
   QBERT_CHECK(a.size(1) == b.size(1), op, "K mismatch: ", a_name, " is ", a.sizes(), ", ", b_name, " is ", b.sizes());
-  QBERT_CHECK(a.size(1) >= 1 && a.size(1) <= kMaxK, op, "K must be in [1, ", kMaxK,
+  QBERT_CHECK(a.size(1) >= 1 && a.size(1) <= kInt8GemmMaxK, op, "K must be in [1, ", kInt8GemmMaxK,
               "] (beyond it an int32 accumulator can overflow), got ", a.size(1));
   QBERT_CHECK(b.device() == a.device(), op, "all tensors must be on one device, got ", b.device(), " and ", a.device());
   QBERT_CHECK(a.is_contiguous() && b.is_contiguous(), op, a_name, " and ", b_name, " must be contiguous, got strides ",

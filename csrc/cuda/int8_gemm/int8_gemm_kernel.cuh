@@ -11,9 +11,9 @@
 //
 // kS8 (per-token requantization) makes the n_tiles CTAs of a row block wait for each other, so they
 // must all be resident at once: the grid is a multiple of n_tiles and at most the co-resident CTA count
-// (a lower bound computed from the device's shared memory and threads per SM and the kernel's
-// __launch_bounds__), and the launch is cooperative, so the driver itself refuses a grid that cannot be
-// resident at once (see launch_persistent in int8_epilogue.cuh).
+// (a lower bound computed from the device's shared memory and threads per SM, which the launcher reads
+// from the device, and the kernel's __launch_bounds__), and the launch is cooperative, so the driver
+// itself refuses a grid that cannot be resident at once (see launch_persistent in int8_epilogue.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,8 +24,13 @@
 
 namespace qbert::cuda::int8 {
 
+// What the plan needs to know of the device; int8_gemm.cu reads each field with cudaDeviceGetAttribute.
 struct DeviceInfo {
-  int sm_count, cc_major, cc_minor;
+  int sm_count;               // cudaDevAttrMultiProcessorCount
+  int cc_major, cc_minor;     // cudaDevAttrComputeCapabilityMajor / Minor
+  int smem_per_sm;            // cudaDevAttrMaxSharedMemoryPerMultiprocessor, bytes
+  int smem_reserved_per_cta;  // cudaDevAttrReservedSharedMemoryPerBlock: what the driver keeps per resident CTA
+  int threads_per_sm;         // cudaDevAttrMaxThreadsPerMultiProcessor
 };
 
 enum class Kernel : int { kSm80SmallM, kSm80Medium, kSm80Large, kSm90Wgmma };
@@ -59,15 +64,10 @@ inline constexpr bool kWgmmaBuilt = false;
 // read each weight tile from L2 rather than HBM the second time.
 inline constexpr int kSmallMMax = 32;
 
-// Per-SM resources by compute capability (CUDA C++ Programming Guide, "Technical Specifications per
-// Compute Capability"): shared memory per SM, of which the driver reserves 1 KB per resident CTA.
-inline constexpr int kSmemPerSmCc80 = 164 * 1024;  // cc 8.0 (A100) and 8.7
-inline constexpr int kSmemPerSmCc86 = 100 * 1024;  // cc 8.6 and 8.9
-inline constexpr int kSmemPerSmCc90 = 228 * 1024;  // cc 9.0 (H100)
-inline constexpr int kSmemReservedPerCta = 1024;
-inline constexpr int kThreadsPerSmCc80 = 2048;     // cc 8.0, 8.7, 9.0
-inline constexpr int kThreadsPerSmCc86 = 1536;     // cc 8.6, 8.9
-// The smallest opt-in shared memory per CTA of any device the sm_80 kernels run on (cc 8.6 / 8.9).
+// The smallest opt-in shared memory per CTA of any device the sm_80 kernels run on (cc 8.6 / 8.9; CUDA C++
+// Programming Guide, "Technical Specifications per Compute Capability"). A compile-time bound, not a
+// device query: the tile configs are template arguments, so that they fit every cc 8.x device is checked
+// when they are compiled (sm80_candidate). The plan's per-SM numbers come from DeviceInfo.
 inline constexpr int kMaxSmemPerCtaCc86 = 99 * 1024;
 
 // Relative throughput of one busy SM running each kernel, for choosing between them. Estimates from the
@@ -96,15 +96,11 @@ constexpr Candidate sm80_candidate(Kernel kernel, double rate) {
 // sm90::int8_gemm_wgmma_kernel's __launch_bounds__(kThreads, 1).
 inline constexpr int kWgmmaMinCtasPerSm = 1;
 
-// CTAs that can be resident on one SM at once, at least: the shared-memory and thread limits, and the
-// __launch_bounds__ minimum (registers may allow more; the estimate stays a lower bound).
+// CTAs that can be resident on one SM at once, at least: the device's shared-memory and thread limits,
+// and the __launch_bounds__ minimum (registers may allow more; the estimate stays a lower bound).
 inline int ctas_per_sm(const Candidate& c, const DeviceInfo& dev) {
-  const bool cc90 = dev.cc_major == 9;
-  const bool big_smem = cc90 || dev.cc_minor == 0 || dev.cc_minor == 7;
-  const int smem = cc90 ? kSmemPerSmCc90 : big_smem ? kSmemPerSmCc80 : kSmemPerSmCc86;
-  const int threads = big_smem ? kThreadsPerSmCc80 : kThreadsPerSmCc86;
-  const int by_smem = smem / (c.smem_bytes + kSmemReservedPerCta);
-  const int by_threads = threads / c.threads;
+  const int by_smem = dev.smem_per_sm / (c.smem_bytes + dev.smem_reserved_per_cta);
+  const int by_threads = dev.threads_per_sm / c.threads;
   const int fit = by_smem < by_threads ? by_smem : by_threads;
   return fit < c.min_ctas_per_sm ? fit : c.min_ctas_per_sm;
 }

@@ -10,18 +10,15 @@
 #include <algorithm>
 
 #include "common/checks.h"
+#include "common/constants.h"
 #include "cuda/lowbit_linear/lowbit_linear_kernel.cuh"
+#include "cuda/row_quantize/row_quantize_kernel.cuh"
 
 namespace qbert::cuda::lowbit {
 namespace {
 
 // The mma paths copy 16-byte pieces of each x row: rows must start 16-byte aligned.
 constexpr int64_t kRowAlignBytes = kCpAsyncBytes;
-// W4A8: the most elements a K group may have (qbert/ops/w4a8_linear.py's W4A8_MAX_GROUP_K): |x_q| <= 127
-// and |u - zero| <= 2^4 - 1, so a group's int32 sum is exact while it has at most INT32_MAX / (127 * 15).
-constexpr int64_t kA8ActMax = 127;
-constexpr int64_t kA8CodeMax = 15;
-constexpr int64_t kA8MaxGroupK = INT32_MAX / (kA8ActMax * kA8CodeMax);
 
 int sm_count(int device) {
   int count = 0;
@@ -41,18 +38,18 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_packe
   QBERT_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               op, "x must be Float, Half or BFloat16, got ", x.scalar_type());
   QBERT_CHECK_DIM(x, 2, op);
-  QBERT_CHECK(a8 ? (bits == 2 || bits == 3 || bits == 4) : (bits == 2 || bits == 3 || bits == 4 || bits == 8), op,
-              "bits must be one of ", a8 ? "(2, 3, 4)" : "(2, 3, 4, 8)", ", got ", bits);
+  if (a8) check_bits<W4A8Bits>(op, bits);
+  else check_bits<LowbitBits>(op, bits);
   const int64_t K = x.size(1), chunks = (K + kPackChunk - 1) / kPackChunk;
   QBERT_CHECK(K >= 1, op, "K must be >= 1, got x of shape ", x.sizes());
   QBERT_CHECK(group_size >= 1 && (group_size % kPackChunk == 0 || group_size >= K), op,
               "group_size must be a positive multiple of ", kPackChunk, ", or >= K=", K, ", got ", group_size);
-  QBERT_CHECK(!a8 || std::min(group_size, K) <= kA8MaxGroupK, op, "a K group of min(group_size=", group_size,
-              ", K=", K, ") elements exceeds ", kA8MaxGroupK, ", beyond which its int32 sum can overflow");
+  QBERT_CHECK(!a8 || std::min(group_size, K) <= kW4A8MaxGroupK, op, "a K group of min(group_size=", group_size,
+              ", K=", K, ") elements exceeds ", kW4A8MaxGroupK, ", beyond which its int32 sum can overflow");
   QBERT_CHECK_DTYPE(w_packed, at::kInt, op);
   QBERT_CHECK_DIM(w_packed, 2, op);
-  QBERT_CHECK(w_packed.size(0) == chunks * bits, op, "w_packed must have ceil(K/32)*bits = ", chunks * bits,
-              " rows for K=", K, ", bits=", bits, ", got shape ", w_packed.sizes());
+  QBERT_CHECK(w_packed.size(0) == chunks * bits, op, "w_packed must have ceil(K/", kPackChunk, ")*bits = ",
+              chunks * bits, " rows for K=", K, ", bits=", bits, ", got shape ", w_packed.sizes());
   const int64_t N = w_packed.size(1), groups = (K + group_size - 1) / group_size;
   QBERT_CHECK_DTYPE(scales, at::kFloat, op);
   QBERT_CHECK(scales.dim() == 2 && scales.size(0) == groups && scales.size(1) == N, op,
@@ -142,8 +139,8 @@ at::Tensor run(const char* op, const at::Tensor& x, const at::Tensor& w_packed, 
     x_scale = at::empty({M}, x.options().dtype(at::kFloat));
     switch_dtype(x.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      err = launch_quantize_rows<T>(static_cast<const T*>(x.data_ptr()), M, K, p.lda, x_q.data_ptr<int8_t>(),
-                                    x_scale.data_ptr<float>(), stream);
+      err = row_quantize::launch_quantize_per_token<T>(static_cast<const T*>(x.data_ptr()), M, K, p.lda,
+                                                       x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), stream);
     });
     C10_CUDA_CHECK(err);
     p.x = x_q.data_ptr();

@@ -12,7 +12,8 @@
 //            fragment feeds 2 m16 tiles.
 //   kSimt    float32 activations at any M (there is no IEEE-f32 tensor-core MMA): FMAs over weights
 //            dequantized exactly as the reference does ((u - z) * s in f32), split-K as above.
-//   W4A8 first quantizes x per token to int8 (quantize_rows_kernel, the rule of quantize_per_token).
+//   W4A8 first quantizes x per token to int8 with quantize_per_token's own kernels
+//            (row_quantize_kernel.cuh's launch_quantize_per_token, called by lowbit_linear.cu).
 // sm_90a runs the sm_80 mma.sync path (no wgmma / TMA yet).
 //
 // Scales: each K group is accumulated on its own (f32 for A16, exact s32 for A8) and folded in at the
@@ -24,10 +25,8 @@
 
 #include <algorithm>
 
+#include "common/constants.h"
 #include "common/cuda_mma.cuh"
-#include "common/cuda_reduce.cuh"
-#include "common/cuda_switch.cuh"
-#include "common/cuda_token_quant.cuh"
 #include "cuda/lowbit_linear/lowbit_unpack.cuh"
 
 namespace qbert::cuda::lowbit {
@@ -213,7 +212,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) lowbit_mma_kernel(const Params 
   using S = MmaSmem<Cfg, BITS, A>;
   using Acc = std::conditional_t<A8, int, float>;
   constexpr int MT = Cfg::MT, NT = Cfg::NT;
-  static_assert(!A8 || BITS <= 4, "W4A8: u - z must fit an int8 (bits 2, 3, 4)");
+  static_assert(!A8 || W4A8Bits::contains(BITS), "W4A8: u - z must fit an int8 (W4A8Bits)");
   extern __shared__ __align__(16) unsigned char smem[];
 
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -226,7 +225,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) lowbit_mma_kernel(const Params 
   const int tiles = (c_end - c_begin + Cfg::CHUNKS - 1) / Cfg::CHUNKS;
 
   auto zero_word = [](uint32_t z) {
-    if constexpr (A8) return z * kByteLanes;
+    if constexpr (A8) return z * kByteOnes;
     else return Dequant16<T, BITS>::zero_word(z);
   };
   int group = c_begin / p.group_chunks;
@@ -403,11 +402,11 @@ __global__ void __launch_bounds__(kSimtThreads) lowbit_simt_kernel(const Params 
         for (int j = 0; j < kSimtCols; ++j) {
           const uint32_t codes = chunk_quad<BITS>(quad, [&](int i) { return words[i][j]; });
 #pragma unroll
-          for (int b = 0; b < kCodesPerQuad; ++b) {
+          for (int b = 0; b < kBytesPerWord; ++b) {
             const float w = code_minus_zero(codes, b, zero[j]) * scale[j];  // the reference's f32 weight
 #pragma unroll
             for (int r = 0; r < kSimtRows; ++r)
-              chunk_sum[r][j] = fmaf(x_s[r][cs * kPackChunk + quad * kCodesPerQuad + b], w, chunk_sum[r][j]);
+              chunk_sum[r][j] = fmaf(x_s[r][cs * kPackChunk + quad * kBytesPerWord + b], w, chunk_sum[r][j]);
           }
         }
 #pragma unroll
@@ -420,26 +419,6 @@ __global__ void __launch_bounds__(kSimtThreads) lowbit_simt_kernel(const Params 
   for (int r = 0; r < kSimtRows; ++r)
 #pragma unroll
     for (int j = 0; j < kSimtCols; ++j) store_result<float>(p, blockIdx.z, m0 + r, col0 + j, acc[r][j]);
-}
-
-// ---- per-token int8 quantization of x (W4A8) ---------------------------------------------------------
-
-constexpr int kQuantThreads = 256;
-
-// One CTA per row, quantize_per_token's rule (common/cuda_token_quant.cuh): scale = max|x| / 127 (1 where
-// that is 0, NaN for a row holding a NaN or an infinity), q = clamp(rint(x / scale), -127, 127) (0 for a
-// NaN scale), with correctly rounded divisions and round half to even, exactly quantize_per_token's
-// reference. Writes x_q [M, lda_q] with zeros in columns K .. lda_q-1 (the padding the mma path reads).
-template <class T>
-__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const T* x, int K, int lda_q, int8_t* x_q,
-                                                                     float* x_scale) {
-  const T* row = x + static_cast<size_t>(blockIdx.x) * K;
-  float amax = 0.f;
-  for (int k = threadIdx.x; k < K; k += kQuantThreads) amax = fmaxf(amax, token::finite_abs(to_float(row[k])));
-  const float scale = token::scale_of(block_max<kQuantThreads>(amax));
-  int8_t* q = x_q + static_cast<size_t>(blockIdx.x) * lda_q;
-  for (int k = threadIdx.x; k < lda_q; k += kQuantThreads) q[k] = k < K ? token::code_of(to_float(row[k]), scale) : 0;
-  if (threadIdx.x == 0) x_scale[blockIdx.x] = scale;
 }
 
 // ---- host side: plan and launch ---------------------------------------------------------------------
@@ -505,7 +484,7 @@ cudaError_t launch_split_reduce(const Params& p, cudaStream_t stream) {
 // already written into p.splits / p.split_chunks. Errors: cudaErrorInvalidValue for an unknown `bits`.
 template <class T>
 cudaError_t launch_lowbit_a16(const Params& p, int bits, Path path, cudaStream_t stream) {
-  const cudaError_t e = bits_switch<2, 3, 4, 8>(bits, [&](auto bits_c) -> cudaError_t {
+  const cudaError_t e = dispatch_bits<LowbitBits>(bits, [&](auto bits_c) -> cudaError_t {
     constexpr int BITS = decltype(bits_c)::value;
     if constexpr (std::is_same_v<T, float>) {
       const dim3 grid((p.N + kSimtThreads * kSimtCols - 1) / (kSimtThreads * kSimtCols),
@@ -520,18 +499,11 @@ cudaError_t launch_lowbit_a16(const Params& p, int bits, Path path, cudaStream_t
   return e != cudaSuccess ? e : launch_split_reduce<T>(p, stream);
 }
 
-// x_q, x_scale = quantize_per_token(x) into x_q [M, lda_q] (zero-padded columns).
-template <class T>
-cudaError_t launch_quantize_rows(const T* x, int M, int K, int lda_q, int8_t* x_q, float* x_scale,
-                                 cudaStream_t stream) {
-  quantize_rows_kernel<T><<<M, kQuantThreads, 0, stream>>>(x, K, lda_q, x_q, x_scale);
-  return cudaGetLastError();
-}
-
-// out = w4a8_linear(...) with p.x = x_q, p.x_scale set and out of type T; bits in {2, 3, 4}.
+// out = w4a8_linear(...) with p.x = x_q, p.x_scale set and out of type T; bits in W4A8Bits. Errors:
+// cudaErrorInvalidValue for an unknown `bits`.
 template <class T>
 cudaError_t launch_lowbit_a8(const Params& p, int bits, Path path, cudaStream_t stream) {
-  const cudaError_t e = bits_switch<2, 3, 4>(bits, [&](auto bits_c) -> cudaError_t {
+  const cudaError_t e = dispatch_bits<W4A8Bits>(bits, [&](auto bits_c) -> cudaError_t {
     constexpr int BITS = decltype(bits_c)::value;
     return path == Path::kSmallM ? launch_mma<SmallMConfig, BITS, T, true>(p, stream)
                                  : launch_mma<LargeMA8Config, BITS, T, true>(p, stream);

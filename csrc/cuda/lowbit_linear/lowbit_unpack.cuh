@@ -1,30 +1,23 @@
 // Register-level unpacking of the packed low-bit layout. qbert/quant/packing.py is the single statement
-// of that layout; this file only reads it. In short: K is cut into chunks of kPackChunk = 32 codes, a
-// chunk of b-bit codes is b int32 words (w_packed is [chunks * b, N], N contiguous), the b bits of a
-// code are split into power-of-two slices (8 -> [8], 4 -> [4], 3 -> [2, 1], 2 -> [2]) and inside a
-// slice word of width w, `(word >> (w * i)) & byte_mask(w)` yields codes 4i .. 4i+3 of the word as four
-// bytes. Four consecutive K codes in one register is the operand shape of the int8 tensor cores, and
-// two byte_perm's turn it into two f16x2 / bf16x2 pairs.
+// of that layout (its constants and byte_mask: common/constants.h); this file only reads it. In short: K
+// is cut into chunks of kPackChunk = 32 codes, a chunk of b-bit codes is b int32 words (w_packed is
+// [chunks * b, N], N contiguous), the b bits of a code are split into power-of-two slices (8 -> [8],
+// 4 -> [4], 3 -> [2, 1], 2 -> [2]) and inside a slice word of width w, `(word >> (w * i)) & byte_mask(w)`
+// yields codes 4i .. 4i+3 of the word as four bytes. Four consecutive K codes in one register is the
+// operand shape of the int8 tensor cores, and two byte_perm's turn it into two f16x2 / bf16x2 pairs.
 #pragma once
 
+#include "common/constants.h"
 #include "common/cuda_mma.cuh"
 
 namespace qbert::cuda::lowbit {
-
-constexpr int kPackChunk = 32;                        // codes per chunk (packing.PACK_CHUNK)
-constexpr int kCodesPerQuad = 4;                      // codes one shift + mask yields, one per byte
-constexpr int kQuadsPerChunk = kPackChunk / kCodesPerQuad;  // 8
-constexpr uint32_t kByteLanes = 0x01010101u;          // one in each byte: x * kByteLanes repeats a byte
-
-// ((1 << width) - 1) in every byte (packing.byte_mask).
-__host__ __device__ constexpr uint32_t byte_mask(int width) { return ((1u << width) - 1u) * kByteLanes; }
 
 // The widest power of two in `bits`: the first slice (packing.slices).
 __host__ __device__ constexpr int widest_slice(int bits) { return bits >= 8 ? 8 : bits >= 4 ? 4 : bits >= 2 ? 2 : 1; }
 
 template <int BITS>
 struct Slices {
-  static_assert(BITS == 2 || BITS == 3 || BITS == 4 || BITS == 8, "bits must be 2, 3, 4 or 8");
+  static_assert(LowbitBits::contains(BITS), "bits must be one of LowbitBits (common/constants.h)");
   static constexpr int kWide = widest_slice(BITS);  // code bits 0 .. kWide-1, in words 0 .. kWide-1
   static constexpr int kNarrow = BITS - kWide;      // 1 for 3-bit codes (code bit 2, in word kWide), else 0
 };
@@ -48,7 +41,7 @@ __device__ __forceinline__ uint32_t chunk_quad(int quad, WordFn&& word) {
 
 // ---- codes -> signed int8 (the W4A8 B operand) ---------------------------------------------------------
 
-// Bytes (u - z) for four codes u and the zero point repeated in each byte (z * kByteLanes). Setting
+// Bytes (u - z) for four codes u and the zero point repeated in each byte (z * kByteOnes). Setting
 // each byte's top bit first keeps every byte of the subtraction >= 0 (u, z < 128), so no borrow crosses
 // a byte; flipping the top bit back gives the two's complement of u - z.
 constexpr uint32_t kByteTopBits = 0x80808080u;

@@ -62,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_quantize_cuda(const
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   const Params p{x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight_f32.data_ptr<float>(),
                  bias ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr(), q.data_ptr<int8_t>(),
-                 scale.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K), static_cast<float>(eps)};
+                 scale.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K), static_cast<float>(eps),
+                 /*ldq=*/static_cast<int>(K)};
   C10_CUDA_CHECK(launch(x.scalar_type(), p, c10::cuda::getCurrentCUDAStream()));
   return {y, q, scale};
 }
@@ -74,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) 
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   const Params p{x.data_ptr(), nullptr, nullptr, nullptr, nullptr, q.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                 static_cast<int>(M), static_cast<int>(K), 0.f};
+                 static_cast<int>(M), static_cast<int>(K), 0.f, /*ldq=*/static_cast<int>(K)};
   C10_CUDA_CHECK(launch(x.scalar_type(), p, c10::cuda::getCurrentCUDAStream()));
   return {q, scale};
 }

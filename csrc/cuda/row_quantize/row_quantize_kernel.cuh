@@ -11,7 +11,8 @@
 //     overflow; mean = f32(sum / K * c); the variance as the mean of (h - mean)^2 (a second pass: no
 //     cancellation as in E[h^2] - mean^2); y = ((h - mean) * rstd) * w + b rounded to T and written; then
 //     the codes of that rounded y.
-//   !kNormalize (quantize_per_token): the codes of x.
+//   !kNormalize (quantize_per_token, and w4a8_linear's activations through launch_quantize_per_token):
+//     the codes of x.
 //   Codes: quantize_per_token's rule (common/cuda_token_quant.cuh): scale = amax / 127 (1 where that is 0,
 //     NaN for a non-finite row), q = clamp(rint(v / scale), +-127) (0 for a NaN scale): bit-exact with
 //     quantize_per_token_reference, as both divisions are correctly rounded and rint rounds half to even.
@@ -46,10 +47,11 @@ struct Params {
   const float* weight;   // [K], or nullptr: quantize only (no LayerNorm; y is not written)
   const float* bias;     // [K], or nullptr
   void* y;               // [M, K] T, written by the LayerNorm only
-  int8_t* q;             // [M, K] codes
+  int8_t* q;             // [M, ldq] codes; columns K .. ldq-1 are written 0
   float* scale;          // [M] per-row scales
   int M, K;
   float eps;
+  int ldq;               // row stride of q, >= K: K, or W4A8's rows padded to whole chunks
 };
 
 constexpr int kVecBytes = 16;             // the widest load / store a thread issues (LDG.E.128)
@@ -188,6 +190,7 @@ __device__ __forceinline__ void warp_row(const Params& p, int row_index) {
   constexpr int kSlots = kWarpRowElems / kVec;  // vectors a lane holds
   const int lane = threadIdx.x % kWarpSize;
   const size_t row = static_cast<size_t>(row_index) * p.K;
+  int8_t* const q_row = p.q + static_cast<size_t>(row_index) * p.ldq;
   const int n_vecs = p.K / kVec;  // exact: the vectorized path needs K % kVec == 0
   // Slot s of lane l is vector s * 32 + l: each slot is one coalesced sweep of the warp over the row.
   float h[kSlots][kVec] = {};  // [slot][element]; unused slots stay 0 and are skipped below
@@ -238,7 +241,8 @@ __device__ __forceinline__ void warp_row(const Params& p, int row_index) {
   const float scale = token::scale_of(warp_max(amax));
 #pragma unroll
   for (int s = 0; s < kSlots; ++s)
-    if (s * kWarpSize + lane < n_vecs) quantize_store<kVec>(p.q + row, s * kWarpSize + lane, scale, h[s]);
+    if (s * kWarpSize + lane < n_vecs) quantize_store<kVec>(q_row, s * kWarpSize + lane, scale, h[s]);
+  for (int k = p.K + lane; k < p.ldq; k += kWarpSize) q_row[k] = 0;  // the padding columns
   if (lane == 0) p.scale[row_index] = scale;
 }
 
@@ -294,9 +298,16 @@ __device__ __forceinline__ void block_row(const Params& p, int row_index) {
   const float scale = token::scale_of(block_allreduce<true>(amax, partial));
   // What is quantized: the rounded y, which this thread itself wrote (same vectors i), or x.
   const T* src = static_cast<const T*>(kNormalize ? p.y : p.x) + row;
-  for (int i = threadIdx.x; i < n_vecs; i += kBlockThreads) {
-    load_vec<T, kVec>(src, i, h);
-    quantize_store<kVec>(p.q + row, i, scale, h);
+  int8_t* const q_row = p.q + static_cast<size_t>(row_index) * p.ldq;
+  // The padding columns K .. ldq-1 in the same loop, as whole vectors (the vectorized path needs ldq % kVec
+  // == 0): a separate loop after this one made ptxas spill around the divisions' slow-path calls (sm_90a).
+  for (int i = threadIdx.x; i < p.ldq / kVec; i += kBlockThreads) {
+    if (i < n_vecs) {
+      load_vec<T, kVec>(src, i, h);
+      quantize_store<kVec>(q_row, i, scale, h);
+    } else {
+      reinterpret_cast<Pack<int8_t, kVec>*>(q_row)[i] = Pack<int8_t, kVec>{};
+    }
   }
   if (threadIdx.x == 0) p.scale[row_index] = scale;
 }
@@ -320,8 +331,8 @@ __global__ void __launch_bounds__(kWarpPerRow ? kRowsPerBlock * kWarpSize : kBlo
 template <class T>
 inline bool vectorizable(const Params& p) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; };
-  return p.K % vec_elems<T, true>() == 0 && aligned(p.x) && aligned(p.residual) && aligned(p.weight) &&
-         aligned(p.bias) && aligned(p.y) && aligned(p.q);
+  return p.K % vec_elems<T, true>() == 0 && p.ldq % vec_elems<T, true>() == 0 && aligned(p.x) &&
+         aligned(p.residual) && aligned(p.weight) && aligned(p.bias) && aligned(p.y) && aligned(p.q);
 }
 
 template <class T, bool kResidual, bool kNormalize, bool kVectorized>
@@ -343,13 +354,23 @@ cudaError_t launch_aligned_or_not(const Params& p, cudaStream_t stream) {
 }
 
 // add_layernorm_quantize when p.weight is set (with the residual add when p.residual is), else
-// quantize_per_token. p.M >= 0, p.K >= 1.
+// quantize_per_token. p.M >= 0, p.K >= 1, p.ldq >= p.K.
 template <class T>
 cudaError_t launch_row_quantize(const Params& p, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
   if (p.weight == nullptr) return launch_aligned_or_not<T, false, false>(p, stream);
   if (p.residual != nullptr) return launch_aligned_or_not<T, true, true>(p, stream);
   return launch_aligned_or_not<T, false, true>(p, stream);
+}
+
+// x_q, x_scale = quantize_per_token(x) for x [M, K] of T, into x_q [M, ldq] (ldq >= K; columns K .. ldq-1
+// written 0) and x_scale [M]. w4a8_linear's activation quantizer (lowbit_linear.cu): its mma path reads
+// rows padded to whole chunks.
+template <class T>
+cudaError_t launch_quantize_per_token(const T* x, int M, int K, int ldq, int8_t* x_q, float* x_scale,
+                                      cudaStream_t stream) {
+  const Params p{x, nullptr, nullptr, nullptr, nullptr, x_q, x_scale, M, K, 0.f, ldq};
+  return launch_row_quantize<T>(p, stream);
 }
 
 }  // namespace qbert::cuda::row_quantize
