@@ -6,6 +6,7 @@ from qbert.nn.qat import FakeQuantLinear, convert, distillation_loss, prepare_qa
 from qbert.nn.qlinear import QLinear
 from qbert.nn.quantize import QuantizeSummary, quantize
 from qbert.nn.size import LayerBytes, linear_bytes
+from qbert.nn.unpad import unpadding
 
 __all__ = [
            "FORMATS",
@@ -21,4 +22,5 @@ __all__ = [
            "linear_format",
            "prepare_qat",
            "quantize",
+           "unpadding",
 ]

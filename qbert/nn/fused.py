@@ -25,6 +25,15 @@ when its dense is w8a8; the FFN up-projection when it and the FFN down-projectio
 activation is the exact GELU the int8 epilogue computes. A piece that does not qualify runs the
 Hugging Face modules unchanged. The unfused path (``qbert.quantize(model, "w8a8", fuse=False)``) is the
 reference the fused chain is tested against.
+
+Padded batches run unpadded (``qbert.nn.unpad``): the encoder gathers the real tokens' rows once, every
+layer runs its row-wise ops on those [T, H] rows, the self-attention scatters Q, K and V back to the
+padded [B, heads, S, d] for the model's attention implementation and gathers its context, and the encoder
+scatters the last hidden state back to [B, S, H] once, with zeros at the pad positions. For each real
+token the result equals the padded fused forward bitwise. Which batches stay padded (no padding, masks
+that are not plain key padding, output capture, torch.compile / export / tracing / CUDA-graph capture,
+``qbert.nn.unpad.unpadding(False)``) is listed in that module. A layer of a fused encoder that is not
+itself fused gets its hidden states padded and unpadded around it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from torch import nn
 
 from qbert import ops
 from qbert.models import family_of
+from qbert.nn import unpad
 from qbert.nn.qlinear import QLinear
 
 Codes = tuple[torch.Tensor, torch.Tensor]  # per-token int8 codes [..., K] and float32 scales [...]
@@ -107,40 +117,47 @@ def _add_norm(module: nn.Module, fused: bool, x: torch.Tensor | None, codes: Cod
 class FusedSelfAttention:
     """Mixed into the family's ``*SelfAttention``: Q, K and V from the input's codes when the layer passes
     them (all three w8a8: one quantization shared by the three GEMMs), else from the float input; then the
-    model's attention implementation."""
+    model's attention implementation. Given ``unpadded``, the input is the real tokens' rows [T, H]: Q, K
+    and V are scattered to the padded [B, heads, S, d] (zeros at the pads) and the context is gathered
+    back to [T, H]."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache=None, *, codes: Codes | None = None, **kwargs):
+                cache=None, *, codes: Codes | None = None, unpadded: unpad.Unpadded | None = None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.attention_head_size)
         projections = (self.query, self.key, self.value)
         if codes is not None:
             q, k, v = (_project(dense, codes, hidden_states.dtype) for dense in projections)
         else:
             q, k, v = (dense(hidden_states) for dense in projections)
+        if unpadded is not None:
+            q, k, v = (unpadded.scatter(t) for t in (q, k, v))
+        input_shape = q.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.attention_head_size)
         q, k, v = (t.view(*hidden_shape).transpose(1, 2) for t in (q, k, v))
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           self.qbert_eager_attention)
         out, weights = attention(self, q, k, v, attention_mask,
                                  dropout=0.0 if not self.training else self.dropout.p,
                                  scaling=self.scaling, **kwargs)
-        return out.reshape(*input_shape, -1).contiguous(), weights
+        out = out.reshape(*input_shape, -1)
+        return (out.contiguous() if unpadded is None else unpadded.gather(out)), weights
 
 
 class FusedLayer:
     """Mixed into the family's ``*Layer``: returns ``(y, y_q, y_scale)``, the layer output and its codes
     (``y_q``, ``y_scale`` are None when the output add-norm is not fused), and takes the previous layer's
-    codes as ``codes``."""
+    codes as ``codes``. Given ``unpadded``, ``hidden_states`` (and so every row-wise op) is the real
+    tokens' rows [T, H]; only the self-attention pads."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states=None, encoder_attention_mask=None, cache=None, *,
-                codes: Codes | None = None, **kwargs):
+                codes: Codes | None = None, unpadded: unpad.Unpadded | None = None, **kwargs):
         pieces = self.qbert_pieces
         attention = self.attention
         codes = _codes(hidden_states, codes) if pieces.qkv else None
-        context, _ = attention.self(hidden_states, attention_mask, cache=cache, codes=codes, **kwargs)
+        context, _ = attention.self(hidden_states, attention_mask, cache=cache, codes=codes,
+                                    unpadded=unpadded, **kwargs)
         a, a_codes = _add_norm(attention.output, pieces.attention_output, context, None, hidden_states)
         if pieces.intermediate:
             dense = self.intermediate.dense
@@ -155,24 +172,34 @@ class FusedLayer:
 
 class FusedEncoder:
     """Mixed into the family's ``*Encoder``: runs the layers, handing each fused layer's output codes to
-    the next layer."""
+    the next layer; a padded batch runs on its real tokens (``unpad.plan``), unpadded once before the
+    first layer and padded back once after the last (zeros at the pad positions)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states=None, encoder_attention_mask=None, cache=None, use_cache=None,
                 **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
+        unpadded = unpad.plan(hidden_states, attention_mask, self.config._attn_implementation)
+        if unpadded is not None:
+            hidden_states = unpadded.gather(hidden_states)
         codes = None
         for layer in self.layer:
-            args = (hidden_states, attention_mask, encoder_hidden_states)
             if isinstance(layer, FusedLayer):
-                hidden_states, q, scale = layer(*args, encoder_attention_mask=encoder_attention_mask,
-                                                cache=cache, codes=codes, **kwargs)
+                hidden_states, q, scale = layer(hidden_states, attention_mask, encoder_hidden_states,
+                                                encoder_attention_mask=encoder_attention_mask,
+                                                cache=cache, codes=codes, unpadded=unpadded, **kwargs)
                 codes = None if q is None else (q, scale)
-            else:
-                hidden_states = layer(*args, encoder_attention_mask=encoder_attention_mask, cache=cache,
-                                      **kwargs)
-                codes = None
+                continue
+            if unpadded is not None:  # a Hugging Face layer: its attention needs the padded input
+                hidden_states = unpadded.scatter(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask, encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, cache=cache, **kwargs)
+            if unpadded is not None:
+                hidden_states = unpadded.gather(hidden_states)
+            codes = None
+        if unpadded is not None:
+            hidden_states = unpadded.scatter(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states,
                                                          cache=cache if use_cache else None)
 

@@ -74,9 +74,16 @@ def inputs(class_name: str = "") -> dict[str, torch.Tensor]:
 
 
 def first_output(model: nn.Module, class_name: str = "") -> torch.Tensor:
-    """The model's first output tensor (last hidden state, logits, prediction logits, ...)."""
+    """The model's first output tensor (last hidden state, logits, prediction logits, ...), with the rows
+    of padding tokens zeroed when it has one per token: outputs at padding positions carry no meaning,
+    and the unpadded W8A8 encoder (qbert.nn.unpad) leaves them zero."""
+    batch = inputs(class_name)
     with torch.no_grad():
-        return model(**inputs(class_name))[0]
+        out = model(**batch)[0]
+    mask = batch["attention_mask"]
+    if out.shape[:mask.dim()] == mask.shape and out.dim() > mask.dim():
+        out = out * mask[..., None].to(out.dtype)
+    return out
 
 
 def linear_names(model: nn.Module, kind: type = nn.Linear) -> set[str]:
