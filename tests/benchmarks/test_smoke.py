@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 import torch
 from qbert.benchmarks import SUITES, bench_e2e, bench_int8_gemm, suite_module
 from qbert.benchmarks import _harness as H
+from qbert.benchmarks import _onnx_peers as peers
 from qbert.benchmarks.shapes import SMOKE_SQUARE
 
 from qbert import cli
@@ -17,6 +19,7 @@ from qbert import cli
 QBERT_ROW = {"int8_linear": "qbert w8a8", "int8_gemm": "qbert int8_gemm", "lowbit_linear": "qbert w4a16",
              "e2e": "qbert w8a8"}
 OWN_SMOKE_TEST = {"block_sparse"}
+SHARED_RUN = {"e2e"}  # its smoke run (a minute) is made once, by the e2e_smoke fixture, for all its tests
 
 
 def test_every_suite_has_a_smoke_test():
@@ -35,13 +38,35 @@ def _check_written(output, suite: str, tmp_path) -> None:
     assert len(data["results"]) == len(output.results)
 
 
-@pytest.mark.parametrize("suite", list(QBERT_ROW))
+def _smoke(suite: str, out_dir) -> H.BenchOutput:
+    return suite_module(suite).main(["--smoke", "--out", str(out_dir), "--threads", "2"])
+
+
+@pytest.fixture(scope="module")
+def e2e_smoke(tmp_path_factory):
+    """The e2e suite's smoke run through its command line, and the folder it wrote to."""
+    out_dir = tmp_path_factory.mktemp("e2e")
+    return _smoke("e2e", out_dir), out_dir
+
+
+@pytest.mark.parametrize("suite", [s for s in QBERT_ROW if s not in SHARED_RUN])
 def test_smoke_runs_and_writes(suite, tmp_path):
-    output = suite_module(suite).main(["--smoke", "--out", str(tmp_path), "--threads", "2"])
+    _check_smoke_output(_smoke(suite, tmp_path), suite, tmp_path)
+
+
+def test_e2e_smoke_runs_and_writes(e2e_smoke):
+    output, out_dir = e2e_smoke
+    _check_smoke_output(output, "e2e", out_dir)
+
+
+def _check_smoke_output(output: H.BenchOutput, suite: str, tmp_path) -> None:
     _check_written(output, suite, tmp_path)
     assert not [r for r in output.results if r.status == H.STATUS_FAILED], output.markdown
-    # CUDA-graph rows (e2e) cannot run on the CPU; test_e2e_smoke checks that they say so.
-    runnable = [r for r in output.results if torch.cuda.is_available() or r.case.get("mode") != bench_e2e.GRAPH]
+    # CUDA-graph rows (e2e) cannot run on the CPU, nor rows of an e2e workload whose packages are missing;
+    # test_e2e_smoke_* check that they say so.
+    unbuilt = {w["model"] for w in output.meta.get("workloads", []) if w["error"]}
+    runnable = [r for r in output.results if (torch.cuda.is_available() or r.case.get("mode") != bench_e2e.GRAPH)
+                and r.case.get("model") not in unbuilt]
     float_rows = [r for r in runnable if "F.linear" in r.impl or r.impl in ("fp32", "fp16")]
     assert float_rows and all(r.status == H.STATUS_OK for r in float_rows), output.markdown
     assert any(r.impl.startswith(QBERT_ROW[suite]) and r.status == H.STATUS_OK for r in output.results), \
@@ -121,12 +146,13 @@ def test_requant_mismatch_allows_only_the_stated_slack():
     assert "scales differ" in bench_int8_gemm.requant_mismatch((q, scale * 1.01), (q, scale), 1, 1e-3)
 
 
-def test_e2e_smoke_scopes_modes_and_targets(tmp_path):
-    output = bench_e2e.run(smoke=True, out_dir=tmp_path, progress=False)
+def test_e2e_smoke_scopes_modes_and_targets(e2e_smoke):
+    output = e2e_smoke[0]
     cuda = torch.cuda.is_available()
+    random = [r for r in output.results if r.case["model"] == bench_e2e.SMOKE_RANDOM_MODEL]
     for scope in bench_e2e.SCOPES:
         for impl in (bench_e2e.FUSED, bench_e2e.UNFUSED):
-            eager = [r for r in output.results if r.impl == impl and r.case["scope"] == scope
+            eager = [r for r in random if r.impl == impl and r.case["scope"] == scope
                      and r.case["mode"] == bench_e2e.EAGER]
             assert eager and all(r.status == H.STATUS_OK and r.metrics["cosine"] > 0.99 for r in eager), \
                 output.markdown
@@ -134,12 +160,63 @@ def test_e2e_smoke_scopes_modes_and_targets(tmp_path):
     if cuda:
         assert all(r.status == H.STATUS_OK for r in graphs if r.impl == "fp16"), output.markdown
     else:
-        assert graphs and all(r.status == H.STATUS_UNSUPPORTED and "CUDA graphs need a CUDA device" in r.reason
-                              for r in graphs)
+        peer_names = (peers.ORT_FP32, peers.ORT_INT8, peers.OPENVINO_INT8)
+        assert graphs and all(r.status == H.STATUS_UNSUPPORTED for r in graphs)
+        assert all("CUDA graphs need a CUDA device" in r.reason for r in graphs if r.impl not in peer_names)
+        assert all(r.reason == bench_e2e.peer_refusal(r.case["scope"], r.case["mode"])
+                   for r in graphs if r.impl in peer_names)
     targets = output.meta["targets"]
-    assert len(targets) == len(bench_e2e.TARGETS) * len(bench_e2e.MODES)
+    cases = 0 if cuda else sum(len(w["batches"]) for w in output.meta["workloads"])
+    assert len(targets) == len(bench_e2e.TARGETS) * len(bench_e2e.MODES) + len(bench_e2e.PEER_TARGETS) * cases
     for t in targets:
         if t["mode"] == bench_e2e.EAGER or cuda:
-            assert t["verdict"] == ("PASS" if t["ratio"] >= t["target"] else "MISS")
+            assert t["verdict"] == ("PASS" if t["ratio"] >= t["target"] else "MISS") or t["reason"], t
     assert "### Targets" in output.markdown
 
+
+CPU_ROWS = ("fp32", bench_e2e.AO_NAME, peers.ORT_FP32, peers.ORT_INT8, peers.OPENVINO_INT8, bench_e2e.FUSED,
+            bench_e2e.UNFUSED, "qbert w8a16", "qbert w4a16", "qbert w4a8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the peers and the real-text workload are the CPU run's")
+def test_e2e_smoke_peers_and_real_text(e2e_smoke):
+    output = e2e_smoke[0]
+    workloads = {w["model"]: w for w in output.meta["workloads"]}
+    assert list(workloads) == [bench_e2e.SMOKE_RANDOM_MODEL, bench_e2e.REAL_MODEL]
+    encoder_eager = {}
+    for r in output.results:
+        if r.case["scope"] == "encoder" and r.case["mode"] == bench_e2e.EAGER:
+            encoder_eager.setdefault((r.case["model"], r.case["batch"]), {})[r.impl] = r
+    assert len(encoder_eager) == sum(len(w["batches"]) for w in workloads.values())
+    ort_installed = importlib.util.find_spec("onnxruntime") is not None
+    for (model, batch), rows in encoder_eager.items():
+        assert tuple(rows) == CPU_ROWS, (model, batch)
+        assert rows[peers.ORT_INT8].baseline and not rows[peers.ORT_FP32].baseline
+        if workloads[model]["error"]:  # the real-text packages are missing: every row says so
+            assert all(r.status == H.STATUS_UNSUPPORTED and r.reason == workloads[model]["error"]
+                       for r in rows.values())
+            continue
+        if not ort_installed:
+            assert rows[peers.ORT_INT8].reason == "onnxruntime is not installed: pip install qbert[bench]"
+            continue
+        ort = rows[peers.ORT_INT8]
+        assert ort.status == H.STATUS_OK, ort.reason
+        # int8 per-channel weights and int8 activations: the tiny random BERT keeps 0.9999 and the real
+        # MiniLM 0.99 per-token cosine (pad tokens excluded); a broken export gives about 0.
+        assert ort.metrics["cosine"] > 0.98, (model, ort.metrics)
+        assert rows[peers.ORT_FP32].metrics["cosine"] > 0.9999, (model, rows[peers.ORT_FP32].metrics)
+        # Every timed row has its ratio to fp32 and to ORT int8.
+        assert {"fp32", peers.ORT_INT8} <= set(rows[bench_e2e.FUSED].speedup), rows[bench_e2e.FUSED].speedup
+        assert peers.ORT_INT8 in rows["fp32"].speedup
+        openvino = rows[peers.OPENVINO_INT8]
+        if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
+            assert openvino.status == H.STATUS_OK and openvino.metrics["cosine"] > 0.95, openvino
+        else:
+            assert openvino.reason.endswith("is not installed: pip install qbert[bench]"), openvino.reason
+    real = workloads[bench_e2e.REAL_MODEL]
+    if not real["error"]:
+        (batch, padding), = real["padding"].items()
+        assert 0 < padding < 1 and f"{100 * padding:.1f}% of the tokens are padding" in output.markdown
+        assert {r.case["padding"] for r in output.results if r.case["model"] == bench_e2e.REAL_MODEL} == {padding}
+    assert {r.case["padding"] for r in output.results if r.case["model"] == bench_e2e.SMOKE_RANDOM_MODEL} == {0.0}
+    assert output.meta["peers"]["versions"].keys() == set(peers.PACKAGES)
