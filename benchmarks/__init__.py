@@ -13,6 +13,7 @@ SUITES = {
     "lowbit_linear": "bench_lowbit_linear",
     "block_sparse": "bench_block_sparse",
     "e2e": "bench_e2e",
+    "profile": "profile_forward",
 }
 
 

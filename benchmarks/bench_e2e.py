@@ -25,9 +25,10 @@ Modes:    eager; compiled (encoder scope): ``torch.compile(model, fullgraph=True
           unsupported on the CPU.
 The random workload passes no attention mask to the torch rows: every token is valid, and the forward then
 has no host synchronisation (which capture forbids); the peers' graphs always take one (all ones there).
-Reports ms per forward, the speedup over each baseline of the same case (the float model, torch.ao, ORT
-int8), and the fidelity of the output against the float model's eager output on the valid tokens: mean
-per-token cosine and SQNR (dB). The report ends with the targets.
+On the CPU the rows of one case are timed side by side, in rounds (``qbert.timing.time_round_robin``),
+so that the drift of a shared machine reaches every row alike. Reports ms per forward, the speedup over
+each baseline of the same case (the float model, torch.ao, ORT int8), and the fidelity of the output
+against the float model's eager output on the valid tokens: mean per-token cosine and SQNR (dB). The report ends with the targets.
 
     python -m qbert.benchmarks.bench_e2e [--smoke] [--out DIR] [--threads N]
 """
@@ -51,7 +52,7 @@ from tqdm import tqdm
 
 from qbert import baselines
 from qbert.ops._registry import BACKENDS
-from qbert.timing import set_threads, time_fn
+from qbert.timing import set_threads, time_fn, time_round_robin
 
 SUITE = "e2e"
 SEQ_LEN = 128
@@ -71,6 +72,12 @@ SCOPE_MODES = {"layer": (EAGER, GRAPH), "encoder": MODES}
 REAL_SCOPE_MODES = {"encoder": (EAGER,)}  # one padded batch, in the one mode every peer has
 WARMUP, REPEATS = 2, 10
 SMOKE_WARMUP, SMOKE_REPEATS = 1, 2
+# Side by side on the CPU, each sample is a run of one row's calls, after one untimed call: ORT's and
+# OpenVINO's thread pools (and torch's) linger after a call, and the first call of another runtime pays
+# for them, which a deployment running one runtime never does (measured: ORT int8 at BERT-base batch 1
+# took 83 ms a call alternating with torch rows call by call, 43 ms in runs of its own).
+SIDE_BY_SIDE_SAMPLE_S = 0.25
+SETTLE_CALLS = 1
 GRAPH_WARMUP = 3  # calls before capture: lazy initialisation and library workspaces happen outside it
 SEED = 0
 AO_ENGINE = "onednn"
@@ -292,10 +299,11 @@ def _failure(exc: Exception) -> str:
 
 
 def measure(result: H.Result, calls: list[Callable[[], torch.Tensor]], mode: str, device: torch.device,
-            reference: torch.Tensor | None, timing: dict[str, int], mask: torch.Tensor | None = None
+            reference: torch.Tensor | None, timing: dict[str, int] | None, mask: torch.Tensor | None = None
             ) -> torch.Tensor | None:
     """Run (eager) or capture and replay (graph) the calls, fill ``result`` (fidelity over the tokens
-    ``mask`` marks valid); the first call's output."""
+    ``mask`` marks valid; the time unless ``timing`` is None: the caller times the case's rows side by
+    side); the first call's output."""
     try:
         if mode != GRAPH:
             out = calls[0]()  # compiles, in the compiled mode
@@ -311,7 +319,8 @@ def measure(result: H.Result, calls: list[Callable[[], torch.Tensor]], mode: str
         return None
     if reference is not None:
         result.metrics = fidelity(out, reference, mask)
-    result.time_us = time_fn(fn, timed, device, **timing)
+    if timing is not None:
+        result.time_us = time_fn(fn, timed, device, **timing)
     return out
 
 
@@ -379,8 +388,12 @@ def run_workload(workload: Workload, device: torch.device, threads: int, timing:
     built: dict[str, Any] = {}  # variant -> its module or peer, or why it could not be built
     configs = [(scope, b, mode, v) for scope, modes in workload.scope_modes.items() for b in workload.batches
                for mode in modes for v in rows]
-    for scope, batch, mode, variant in tqdm(configs, desc=f"{SUITE} {workload.name} ({device.type})",
-                                            disable=not progress):
+    side_by_side = device.type == "cpu"  # CPU rows of one case are timed in rounds (qbert.timing)
+    pending: dict[str, tuple[H.Result, Callable[[], Any]]] = {}  # this case's rows, by variant
+    for index, (scope, batch, mode, variant) in enumerate(tqdm(configs, desc=f"{SUITE} {workload.name} "
+                                                               f"({device.type})", disable=not progress)):
+        if side_by_side and index and configs[index - 1][:3] != (scope, batch, mode):
+            _time_side_by_side(pending, timing)
         case = {"model": workload.name, "scope": scope, "batch": batch, "seq": workload.seq,
                 "padding": workload.padding(batch), "mode": mode}
         result = H.Result(case=case, impl=variant.name, baseline=variant.baseline, dtype=dtype)
@@ -413,10 +426,37 @@ def run_workload(workload: Workload, device: torch.device, threads: int, timing:
                 continue
             is_reference = variant.name == float_name and mode == EAGER  # the float model runs first
             out = measure(result, calls, mode, device, None if is_reference else references.get((scope, batch)),
-                          timing, inputs.get("attention_mask"))
+                          None if side_by_side else timing, inputs.get("attention_mask"))
+            if side_by_side and out is not None:
+                pending[variant.name] = (result, _timed_call(calls[0], variant.name == AO_NAME))
         if is_reference and out is not None:
             references[(scope, batch)] = out
+    _time_side_by_side(pending, timing)
     return results
+
+
+def _timed_call(call: Callable[[], Any], ao: bool) -> Callable[[], Any]:
+    """The call as timed: torch.ao's quantized modules run under their engine."""
+    if not ao:
+        return call
+
+    def under_engine() -> Any:
+        with baselines.quantized_engine(AO_ENGINE):
+            return call()
+
+    return under_engine
+
+
+def _time_side_by_side(pending: dict[str, tuple[H.Result, Callable[[], Any]]], timing: dict[str, int]) -> None:
+    """Time a case's rows in rounds (``qbert.timing.time_round_robin``: one sample of each per round, the
+    first rotating), fill their times and empty ``pending``. On the CPU the layer scope times the first
+    layer's call, as ``time_fn`` does."""
+    if pending:
+        times = time_round_robin({name: call for name, (_, call) in pending.items()}, **timing,
+                                 min_sample_s=SIDE_BY_SIDE_SAMPLE_S, settle_calls=SETTLE_CALLS)
+        for name, (result, _) in pending.items():
+            result.time_us = times[name]
+    pending.clear()
 
 
 def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAULT_THREADS,

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -78,7 +79,7 @@ from qbert.prune import (
     remove_heads,
     remove_neurons,
 )
-from qbert.timing import US_PER_S, set_threads
+from qbert.timing import US_PER_S, round_robin_samples, set_threads
 
 SUITE = "stacked"
 CACHE_VERSION = 1  # bump when a change to this file changes what a cached row would contain
@@ -410,19 +411,10 @@ def rebuild(fp32: nn.Module, row: RowSpec, result: RowResult) -> nn.Module:
 def measure_latency(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], warmup: int, repeats: int,
                     progress: bool) -> dict[str, list[float]]:
     """Seconds of each call of ``model(**batch)`` per model: ``warmup`` untimed rounds, then ``repeats`` timed
-    rounds, each round one call of every model, the first model of a round rotating by one each round."""
-    keys = list(models)
-    samples: dict[str, list[float]] = {key: [] for key in keys}
-    rounds = warmup + repeats
-    for r in tqdm(range(rounds), desc="latency rounds", unit="round", disable=not progress, leave=False):
-        for i in range(len(keys)):
-            key = keys[(r + i) % len(keys)]
-            start = time.perf_counter()
-            models[key](**batch)
-            seconds = time.perf_counter() - start
-            if r >= warmup:
-                samples[key].append(seconds)
-    return samples
+    rounds, each round one sample of every model, the first model of a round rotating by one each round
+    (``qbert.timing.round_robin_samples``)."""
+    return round_robin_samples({key: functools.partial(model, **batch) for key, model in models.items()},
+                               warmup, repeats, progress, desc="latency rounds")
 
 
 def attach_latency(results: list[RowResult], samples: dict[str, list[float]]) -> None:

@@ -3,6 +3,8 @@
 CPU:  ``time.perf_counter`` around batches of calls (a batch lasts at least ``MIN_BATCH_S``, so short
       calls are not dominated by the clock), median over repeats after warm-up, at the thread count set
       by ``set_threads`` (CPU timings depend on it; record it with the results).
+CPU, side by side: ``round_robin_samples`` / ``time_round_robin`` time several fns in rounds (one sample of
+      each per round, the first rotating), so that a shared machine's drift reaches every fn alike.
 CUDA: CUDA events around one call on each of several input copies, median over repeats. The copies
       together are larger than ``L2_FLUSH_BYTES`` so that weights come from HBM, as they do in a model
       whose layers are run one after another (one BERT layer fits in an H100's 50 MB L2).
@@ -13,10 +15,11 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 DEFAULT_WARMUP = 3
 DEFAULT_REPEATS = 20
@@ -85,3 +88,50 @@ def time_fn(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.devic
     if device.type == "cuda":
         return time_cuda(fn, inputs, warmup, repeats)
     return time_cpu(lambda: fn(inputs[0]), warmup, repeats)
+
+
+def round_robin_samples(fns: Mapping[str, Callable[[], Any]], warmup: int = DEFAULT_WARMUP,
+                        repeats: int = DEFAULT_REPEATS, progress: bool = False, desc: str = "rounds",
+                        min_sample_s: float = MIN_BATCH_S, settle_calls: int = 0) -> dict[str, list[float]]:
+    """Seconds per call of each ``fns[name]()``, timed side by side on the CPU: ``warmup`` untimed rounds,
+    then ``repeats`` timed rounds, each round one sample of every fn with the first fn rotating by one
+    each round, so that drift of a shared machine reaches every fn alike. A sample repeats a fn's call
+    until it lasts ``min_sample_s`` (the count fixed from one call after warm-up, as ``time_cpu`` does),
+    after ``settle_calls`` untimed calls: fns that run on thread pools of their own (another runtime) pay
+    for the previous fn's idle threads on their first call after it, which a deployment running one
+    runtime never does."""
+    if not fns or warmup < 0 or repeats < 1 or settle_calls < 0 or min_sample_s <= 0:
+        raise ValueError(f"round_robin_samples: need fns, warmup >= 0, repeats >= 1, settle_calls >= 0 and "
+                         f"min_sample_s > 0, got {len(fns)} fns, warmup={warmup}, repeats={repeats}, "
+                         f"settle_calls={settle_calls}, min_sample_s={min_sample_s}")
+    names = list(fns)
+    calls: dict[str, int] = {}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in tqdm(range(warmup + repeats), desc=desc, unit="round", disable=not progress, leave=False):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            fn = fns[name]
+            for _ in range(settle_calls):
+                fn()
+            if r == warmup and name not in calls:  # warm now: one call fixes the sample's length
+                start = time.perf_counter()
+                fn()
+                once = max(time.perf_counter() - start, 1e-9)
+                calls[name] = min(MAX_BATCH_CALLS, max(1, math.ceil(min_sample_s / once)))
+            count = calls.get(name, 1)
+            start = time.perf_counter()
+            for _ in range(count):
+                fn()
+            seconds = (time.perf_counter() - start) / count
+            if r >= warmup:
+                samples[name].append(seconds)
+    return samples
+
+
+def time_round_robin(fns: Mapping[str, Callable[[], Any]], warmup: int = DEFAULT_WARMUP,
+                     repeats: int = DEFAULT_REPEATS, progress: bool = False, min_sample_s: float = MIN_BATCH_S,
+                     settle_calls: int = 0) -> dict[str, float]:
+    """Median µs of one call of each fn, timed side by side (``round_robin_samples``)."""
+    samples = round_robin_samples(fns, warmup, repeats, progress, min_sample_s=min_sample_s,
+                                  settle_calls=settle_calls)
+    return {name: _median_us(s) for name, s in samples.items()}

@@ -15,10 +15,9 @@ from qbert.benchmarks.shapes import SMOKE_SQUARE
 from qbert import cli
 
 # The linear-layer suites, with a row of qbert's own layer that each smoke run must time successfully.
-# (block_sparse has its own smoke test: tests/benchmarks/test_block_sparse_smoke.py.)
 QBERT_ROW = {"int8_linear": "qbert w8a8", "int8_gemm": "qbert int8_gemm", "lowbit_linear": "qbert w4a16",
              "e2e": "qbert w8a8"}
-OWN_SMOKE_TEST = {"block_sparse"}
+OWN_SMOKE_TEST = {"block_sparse", "profile"}  # tests/benchmarks/test_<suite>_smoke.py
 SHARED_RUN = {"e2e"}  # its smoke run (a minute) is made once, by the e2e_smoke fixture, for all its tests
 
 
