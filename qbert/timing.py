@@ -42,14 +42,19 @@ def _median_us(samples_s: Sequence[float]) -> float:
     return statistics.median(samples_s) * US_PER_S
 
 
+def _calls_per_sample(fn: Callable[[], Any], min_sample_s: float = MIN_BATCH_S) -> int:
+    """Calls of ``fn`` one timed sample repeats so that it lasts ``min_sample_s``, from one call now."""
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-9)
+    return min(MAX_BATCH_CALLS, max(1, math.ceil(min_sample_s / once)))
+
+
 def time_cpu(fn: Callable[[], Any], warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS) -> float:
     """Median µs of one ``fn()`` call on the CPU."""
     for _ in range(warmup):
         fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-9)
-    calls = min(MAX_BATCH_CALLS, max(1, math.ceil(MIN_BATCH_S / once)))
+    calls = _calls_per_sample(fn)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -114,10 +119,7 @@ def round_robin_samples(fns: Mapping[str, Callable[[], Any]], warmup: int = DEFA
             for _ in range(settle_calls):
                 fn()
             if r == warmup and name not in calls:  # warm now: one call fixes the sample's length
-                start = time.perf_counter()
-                fn()
-                once = max(time.perf_counter() - start, 1e-9)
-                calls[name] = min(MAX_BATCH_CALLS, max(1, math.ceil(min_sample_s / once)))
+                calls[name] = _calls_per_sample(fn, min_sample_s)
             count = calls.get(name, 1)
             start = time.perf_counter()
             for _ in range(count):
