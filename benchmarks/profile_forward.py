@@ -35,7 +35,8 @@ CATEGORIES = (
     ("GELU", ("aten::gelu",)),
     ("attention (softmax(QK^T)V)", ("aten::_scaled_dot_product", "aten::bmm", "aten::_softmax", "aten::baddbmm",
                                     "aten::matmul")),
-    ("unpad gather / scatter", ("aten::index", "aten::index_put", "aten::nonzero", "aten::masked_scatter")),
+    # The embedding lookups run index_select too: the op name cannot tell them from the unpadding's rows.
+    ("row gather / scatter (embedding lookups, unpadding)", ("aten::index", "aten::nonzero")),
     ("embeddings + first LayerNorm", ("aten::embedding", "aten::native_layer_norm")),
 )
 OTHER = "other ops"

@@ -15,7 +15,7 @@ GEMM = P.CATEGORIES[0][0]
 def test_ops_fall_in_their_category():
     assert P.category("qbert::int8_linear_cpu") == GEMM
     assert P.category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention (softmax(QK^T)V)"
-    assert P.category("aten::index_select") == "unpad gather / scatter"
+    assert P.category("aten::index_select") == "row gather / scatter (embedding lookups, unpadding)"
     assert P.category("aten::view") == P.OTHER
 
 
