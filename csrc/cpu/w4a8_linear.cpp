@@ -23,11 +23,9 @@
 #include "cpu/isa.h"
 #include "cpu/lowbit_args.h"
 #include "cpu/lowbit_unpack.h"
+#include "cpu/ops.h"
 
 namespace qbert::cpu {
-
-// Defined in quantize_per_token.cpp.
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x);
 
 namespace {
 

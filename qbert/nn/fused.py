@@ -26,6 +26,14 @@ activation is the exact GELU the int8 epilogue computes. A piece that does not q
 Hugging Face modules unchanged. The unfused path (``qbert.quantize(model, "w8a8", fuse=False)``) is the
 reference the fused chain is tested against.
 
+On the CPU in eager mode a layer whose four pieces all run on codes is one op, ``w8a8_encoder_layer``
+(one C++ call: the same kernels in the same order, so the same bits, without the Python of the ~20 op
+and module calls between them), when the forward is one that op reproduces: eval mode (no dropout),
+float32, Hugging Face's sdpa attention, no keyword but ``position_ids`` for the attention, no cache or
+cross-attention, no output capture, and no forward hooks on the layer's sub-modules (hooks on the layer
+itself still run). Any other forward, and every forward on CUDA or under ``torch.compile`` / tracing,
+runs the layer op by op as above.
+
 Padded batches run unpadded (``qbert.nn.unpad``): the encoder gathers the real tokens' rows once, every
 layer runs its row-wise ops on those [T, H] rows, the self-attention scatters Q, K and V back to the
 padded [B, heads, S, d] for the model's attention implementation and gathers its context, and the encoder
@@ -48,6 +56,7 @@ from qbert import ops
 from qbert.models import family_of
 from qbert.nn import unpad
 from qbert.nn.qlinear import QLinear
+from qbert.ops.w8a8_encoder_layer import layer_params
 
 Codes = tuple[torch.Tensor, torch.Tensor]  # per-token int8 codes [..., K] and float32 scales [...]
 
@@ -82,6 +91,11 @@ class FusedPieces:
     attention_output: bool
     intermediate: bool
     output: bool
+
+    @property
+    def one_call(self) -> bool:
+        """Every piece runs on codes: the layer can run as one ``w8a8_encoder_layer`` call."""
+        return self.qkv and self.attention_output and self.intermediate and self.output
 
     def names(self, layer: str) -> list[str]:
         """The module names of the pieces that run fused, under the layer named ``layer``."""
@@ -144,6 +158,22 @@ class FusedSelfAttention:
         return (out.contiguous() if unpadded is None else unpadded.gather(out)), weights
 
 
+# Hugging Face's name of the attention implementation the one-call layer reproduces, and the keywords a
+# layer may receive that it ignores (the encoder hands the layers position_ids; sdpa does not read them).
+SDPA = "sdpa"
+ATTENTION_IGNORES = frozenset({"position_ids"})
+
+
+def _hooked(layer: nn.Module) -> bool:
+    """Whether forward hooks would see a sub-module of ``layer`` run (hooks of their own or global ones);
+    the layer's own hooks see its call either way."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
+
+
 class FusedLayer:
     """Mixed into the family's ``*Layer``: returns ``(y, y_q, y_scale)``, the layer output and its codes
     (``y_q``, ``y_scale`` are None when the output add-norm is not fused), and takes the previous layer's
@@ -153,6 +183,8 @@ class FusedLayer:
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states=None, encoder_attention_mask=None, cache=None, *,
                 codes: Codes | None = None, unpadded: unpad.Unpadded | None = None, **kwargs):
+        if encoder_hidden_states is None and cache is None and self._in_one_call(hidden_states, kwargs):
+            return self._one_call(hidden_states, attention_mask, codes, unpadded)
         pieces = self.qbert_pieces
         attention = self.attention
         codes = _codes(hidden_states, codes) if pieces.qkv else None
@@ -168,6 +200,28 @@ class FusedLayer:
             h, h_codes = self.intermediate(a), None
         y, y_codes = _add_norm(self.output, pieces.output, h, h_codes, a)
         return (y, None, None) if y_codes is None else (y, *y_codes)
+
+    def _in_one_call(self, x: torch.Tensor, kwargs: dict) -> bool:
+        """Whether this forward runs as one ``w8a8_encoder_layer`` call (the module docstring says when)."""
+        attention = self.attention.self
+        return (self.qbert_pieces.one_call and not self.training and x.device.type == "cpu"
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and x.dtype == torch.float32 and attention.config._attn_implementation == SDPA
+                and kwargs.keys() <= ATTENTION_IGNORES and not _hooked(self)
+                and not unpad.capturing_outputs())
+
+    def _one_call(self, x: torch.Tensor, attention_mask: torch.Tensor | None, codes: Codes | None,
+                  unpadded: unpad.Unpadded | None):
+        attention = self.attention.self
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        x_q, x_scale = (None, None) if codes is None else (codes[0].reshape(rows.shape), codes[1].reshape(-1))
+        batch, seq = (unpadded.batch, unpadded.seq) if unpadded is not None else shape[:2]
+        y, y_q, y_scale = ops.w8a8_encoder_layer(
+            rows.contiguous(), x_q, x_scale, layer_params(self), self.attention.output.LayerNorm.eps,
+            self.output.LayerNorm.eps, attention.num_attention_heads, attention.scaling, attention_mask,
+            None if unpadded is None else unpadded.indices, batch, seq)
+        return y.view(shape), y_q.view(shape), y_scale.view(shape[:-1])
 
 
 class FusedEncoder:

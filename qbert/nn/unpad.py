@@ -108,7 +108,7 @@ def real_tokens(mask: torch.Tensor | None, batch: int, seq: int,
     return valid.reshape(rows, seq).expand(batch, seq)
 
 
-def _capturing_outputs() -> bool:
+def capturing_outputs() -> bool:
     """Whether Hugging Face's output capture (``output_hidden_states`` / ``output_attentions``, which
     collect every layer's output through hooks) is recording in this forward."""
     from transformers.utils.output_capturing import _active_collector
@@ -129,7 +129,7 @@ def plan(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
     cases in the module docstring)."""
     if _static_shapes_required(hidden_states) or not _ENABLED.get() or attention_mask is None:
         return None
-    if _capturing_outputs():
+    if capturing_outputs():
         return None
     batch, seq = hidden_states.shape[:2]
     valid = real_tokens(attention_mask, batch, seq, attn_implementation)

@@ -99,9 +99,17 @@ def test_fused_chain_quantizes_once_per_producer(op_calls):
     layers = fused.config.num_hidden_layers
     op_calls.clear()  # quantizing the weights called quantize_per_token
     tiny.first_output(fused)
+    # On the CPU in eager mode each layer is one op (w8a8_encoder_layer); its reference is the chain op by op.
+    assert op_calls["w8a8_encoder_layer"] == layers
+    assert op_calls["w8a8_linear"] == 1  # the pooler
+    assert sum(op_calls.values()) == layers + 1
+    op_calls.clear()
+    with qbert.use_backend("reference"):
+        tiny.first_output(fused)
     # Per layer: Q, K, V and FFN down read codes (int8_linear), the attention output projection quantizes
     # the attention context (w8a8_linear), FFN up requantizes, two add-norms emit codes; the first layer
     # quantizes the embeddings' output once for its Q, K and V.
+    assert op_calls["w8a8_encoder_layer"] == layers
     assert op_calls["int8_linear"] == 4 * layers
     assert op_calls["w8a8_linear"] == layers + 1  # + the pooler
     assert op_calls["int8_linear_requant"] == layers
@@ -211,3 +219,45 @@ def test_export_sees_the_chain():
             "qbert.int8_linear_requant.default"} <= ops_in_graph
     with torch.no_grad(), unpadding(False):
         assert torch.equal(program.module()(**inputs)[0], fused(**inputs)[0])
+
+
+def _op_by_op(model):
+    """A no-op forward hook on every layer's FFN up-projection: hooks on a layer's sub-modules must see
+    them run, so each layer runs op by op."""
+    return [layer.intermediate.dense.register_forward_hook(lambda *_: None) for layer in model.encoder.layer]
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_one_call_layers_equal_the_op_by_op_chain(family, padded, op_calls):
+    # Tier: exact. The one-call layer runs the chain's cpu kernels in the chain's order.
+    fused, _ = _pair(family)
+    layers = fused.config.num_hidden_layers
+    with unpadding(not padded):
+        op_calls.clear()
+        one_call = tiny.first_output(fused)
+        assert op_calls["w8a8_encoder_layer"] == layers
+        handles = _op_by_op(fused)
+        op_calls.clear()
+        chain = tiny.first_output(fused)
+        assert op_calls["w8a8_encoder_layer"] == 0 and op_calls["int8_linear"] == 4 * layers
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(one_call, chain, rtol=0, atol=0)
+
+
+def test_a_hooked_sub_module_sees_its_call():
+    fused, _ = _pair("bert")
+    seen = []
+    fused.encoder.layer[1].attention.output.dense.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    tiny.first_output(fused)
+    assert len(seen) == 1
+
+
+def test_training_mode_runs_op_by_op(op_calls):
+    # Dropout is live in training: the one-call layer has none, so a training forward runs op by op.
+    fused, _ = _pair("bert")
+    fused.train()
+    with torch.no_grad():
+        fused(**tiny.inputs())
+    assert op_calls["w8a8_encoder_layer"] == 0 and op_calls["int8_linear"] > 0
