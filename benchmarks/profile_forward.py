@@ -38,6 +38,8 @@ CATEGORIES = (
     # The embedding lookups run index_select too: the op name cannot tell them from the unpadding's rows.
     ("row gather / scatter (embedding lookups, unpadding)", ("aten::index", "aten::nonzero")),
     ("embeddings + first LayerNorm", ("aten::embedding", "aten::native_layer_norm")),
+    # The one-call layer's own time (qbert.ops.w8a8_encoder_layer): its kernels are ranges of their own.
+    ("one-call layer glue", ("qbert::w8a8_encoder_layer_cpu",)),
 )
 OTHER = "other ops"
 

@@ -1,22 +1,28 @@
 // w8a8_encoder_layer_cpu: one BERT-family encoder layer of the fused W8A8 chain (qbert/nn/fused.py) in one
-// call. Spec: qbert/ops/w8a8_encoder_layer.py::w8a8_encoder_layer_reference. It runs the same cpu kernels,
-// in the same order and on the same operands, as the chain of per-op calls (and attention through the same
-// at::scaled_dot_product_attention call as Hugging Face's sdpa implementation), so its results are those
-// bits; what it saves is the Python and dispatch of the ~10 op calls and ~10 module calls of a layer
-// (about 0.5 ms a layer, a sixth of BERT-base's forward at batch 1, measured).
+// call. Spec: qbert/ops/w8a8_encoder_layer.py::w8a8_encoder_layer_reference, whose qbert ops on the cpu
+// backend run the same kernels in the same order on the same operands, so its results are those bits. What
+// it saves is the Python and dispatch of the ~10 op calls and ~10 module calls of a layer (~0.3 ms a layer
+// measured at tiny shapes), and on padded batches the attention over pad positions.
 //
 //   codes     = (x_q, x_scale), or quantize_per_token(x) when none are given
 //   q, k, v   = int8_linear(codes, W_q | W_k | W_v)                                   [R, A] f32
-//   q, k, v   -> [B, S, A] (indices: scatter to the padded positions, zeros at the pads) -> [B, heads, S, d]
-//   context   = scaled_dot_product_attention(q, k, v, mask, scale=scaling) -> [B, S, A] -> [R, A] (gather)
+//   context   = padded (no indices, R = B * S): [B, S, A] -> [B, heads, S, d] ->
+//                 scaled_dot_product_attention(q, k, v, mask, scale=scaling) -> [B, S, A] -> [R, A]
+//               unpadded (indices, R = T real tokens): per sequence b, its L_b rows [1, heads, L_b, d] ->
+//                 scaled_dot_product_attention(q_b, k_b, v_b, no mask, scale=scaling) -> its L_b rows
 //   a, a_codes = add_layernorm_quantize(w8a8_linear(context, W_o), x, LN_1)
 //   h_codes   = quantize_per_token(gelu(int8_linear(a_codes, W_1)))
 //   y, y_codes = add_layernorm_quantize(int8_linear(h_codes, W_2), a, LN_2)        -> (y, y_q, y_scale)
-// A = heads * head size (the hidden size H unless heads were pruned); R = T real tokens when `indices` (ascending positions in the flattened [B * S]) is given, else B * S.
+// A = heads * head size d (the hidden size H unless heads were pruned). `indices`: the real tokens'
+// positions in the flattened [B * S], ascending (qbert/nn/unpad.py); the mask is then plain key padding, so
+// each real query attends to exactly the real keys of its sequence, which is what the unpadded attention
+// computes (the same math as the padded call, not its bits: the kernel blocks the keys differently).
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "cpu/ops.h"
@@ -31,6 +37,14 @@ enum Param : int64_t {
   kUpW, kUpScale, kUpBias, kDownW, kDownScale, kDownBias, kNorm2W, kNorm2B,
   kNumParams
 };
+
+// A kernel call as a profiler range under the kernel's registered name, so that torch.profiler (the profile
+// benchmark suite) attributes its time as it does in the op-by-op chain; next to free with no profiler on.
+template <class Fn, class... Args>
+auto recorded(const char* name, Fn fn, const Args&... args) {
+  RECORD_FUNCTION(name, std::vector<c10::IValue>());
+  return fn(args...);
+}
 
 at::Tensor required(const c10::List<std::optional<at::Tensor>>& params, Param i, const char* op) {
   const std::optional<at::Tensor> t = params.get(i);
@@ -73,35 +87,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w8a8_encoder_layer_cpu(
     codes_q = *x_q;
     codes_scale = *x_scale;
   } else {
-    std::tie(codes_q, codes_scale) = quantize_per_token_cpu(x);
+    std::tie(codes_q, codes_scale) = recorded("qbert::quantize_per_token_cpu", quantize_per_token_cpu, x);
   }
   const auto project = [&](Param w) {
-    return int8_linear_cpu(codes_q, codes_scale, p(w), p(static_cast<Param>(w + 1)), opt(static_cast<Param>(w + 2)),
+    return recorded("qbert::int8_linear_cpu", int8_linear_cpu, codes_q, codes_scale, p(w),
+                    p(static_cast<Param>(w + 1)), opt(static_cast<Param>(w + 2)),
                            at::kFloat);
   };
-  // [R, A] -> [B, heads, S, A / heads], as FusedSelfAttention shapes them (a view of [B, S, heads, d]);
-  // A = heads * d, the hidden size unless heads were pruned.
-  const auto heads_view = [&](at::Tensor t) {
-    const int64_t width = t.size(1);
+  at::Tensor context;
+  if (indices) {
+    // The real tokens of sequence b are rows [start_b, start_b + L_b) (indices ascend): attention runs on
+    // them alone, each sequence one call with no mask, and writes its context rows in place.
+    const at::Tensor q = project(kQueryW), k = project(kKeyW), v = project(kValueW);
+    const int64_t width = q.size(1);
     QBERT_CHECK(width % heads == 0, op, "heads (", heads, ") must divide the attention width ", width);
-    if (indices) t = at::zeros({batch * seq, width}, t.options()).index_copy_(0, *indices, t);
-    return t.view({batch, seq, heads, width / heads}).transpose(1, 2);
-  };
-  const at::Tensor q = heads_view(project(kQueryW)), k = heads_view(project(kKeyW)), v = heads_view(project(kValueW));
-  at::Tensor context = at::scaled_dot_product_attention(q, k, v, attention_mask, /*dropout_p=*/0.0,
-                                                        /*is_causal=*/false, scaling);
-  context = context.transpose(1, 2).contiguous().view({batch * seq, -1});
-  context = indices ? context.index_select(0, *indices) : context;
+    const int64_t d = width / heads;
+    const at::Tensor idx = indices->contiguous();
+    const int64_t* pos = idx.data_ptr<int64_t>();
+    std::vector<int64_t> length(batch, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      QBERT_CHECK(pos[r] >= 0 && pos[r] < batch * seq && (r == 0 || pos[r] > pos[r - 1]), op,
+                  "indices must ascend strictly within [0, batch * seq = ", batch * seq, "), got ", pos[r],
+                  " at row ", r);
+      ++length[pos[r] / seq];
+    }
+    context = at::empty_like(q);
+    for (int64_t b = 0, start = 0; b < batch; start += length[b], ++b) {
+      if (length[b] == 0) continue;
+      const auto heads_view = [&](const at::Tensor& t) {
+        return t.narrow(0, start, length[b]).view({1, length[b], heads, d}).transpose(1, 2);
+      };
+      const at::Tensor out = at::scaled_dot_product_attention(heads_view(q), heads_view(k), heads_view(v),
+                                                              std::nullopt, /*dropout_p=*/0.0, /*is_causal=*/false,
+                                                              scaling);
+      heads_view(context).copy_(out);
+    }
+  } else {
+    // [B * S, A] -> [B, heads, S, A / heads], as FusedSelfAttention shapes them (a view of [B, S, heads, d]);
+    // A = heads * d, the hidden size unless heads were pruned.
+    const auto heads_view = [&](const at::Tensor& t) {
+      const int64_t width = t.size(1);
+      QBERT_CHECK(width % heads == 0, op, "heads (", heads, ") must divide the attention width ", width);
+      return t.view({batch, seq, heads, width / heads}).transpose(1, 2);
+    };
+    const at::Tensor q = heads_view(project(kQueryW)), k = heads_view(project(kKeyW)),
+                     v = heads_view(project(kValueW));
+    context = at::scaled_dot_product_attention(q, k, v, attention_mask, /*dropout_p=*/0.0, /*is_causal=*/false,
+                                               scaling);
+    context = context.transpose(1, 2).contiguous().view({batch * seq, -1});
+  }
 
   // The attention output's dense from float input: w8a8_linear's cpu row.
-  const auto [ctx_q, ctx_scale] = quantize_per_token_cpu(context);
-  const at::Tensor o = int8_linear_cpu(ctx_q, ctx_scale, p(kOutW), p(kOutScale), opt(kOutBias), at::kFloat);
-  const auto [a, a_q, a_scale] = add_layernorm_quantize_cpu(o, x, p(kNorm1W), opt(kNorm1B), eps1);
+  const auto [ctx_q, ctx_scale] = recorded("qbert::quantize_per_token_cpu", quantize_per_token_cpu, context);
+  const at::Tensor o = recorded("qbert::int8_linear_cpu", int8_linear_cpu, ctx_q, ctx_scale, p(kOutW), p(kOutScale),
+                                opt(kOutBias), at::kFloat);
+  const auto [a, a_q, a_scale] =
+      recorded("qbert::add_layernorm_quantize_cpu", add_layernorm_quantize_cpu, o, x, p(kNorm1W), opt(kNorm1B), eps1);
   // The FFN up-projection: int8_linear_requant's cpu row with the exact GELU.
-  const at::Tensor up = at::gelu(int8_linear_cpu(a_q, a_scale, p(kUpW), p(kUpScale), opt(kUpBias), at::kFloat));
-  const auto [h_q, h_scale] = quantize_per_token_cpu(up);
-  const at::Tensor down = int8_linear_cpu(h_q, h_scale, p(kDownW), p(kDownScale), opt(kDownBias), at::kFloat);
-  return add_layernorm_quantize_cpu(down, a, p(kNorm2W), opt(kNorm2B), eps2);
+  const at::Tensor up = at::gelu(recorded("qbert::int8_linear_cpu", int8_linear_cpu, a_q, a_scale, p(kUpW),
+                                          p(kUpScale), opt(kUpBias), at::kFloat));
+  const auto [h_q, h_scale] = recorded("qbert::quantize_per_token_cpu", quantize_per_token_cpu, up);
+  const at::Tensor down = recorded("qbert::int8_linear_cpu", int8_linear_cpu, h_q, h_scale, p(kDownW),
+                                   p(kDownScale), opt(kDownBias), at::kFloat);
+  return recorded("qbert::add_layernorm_quantize_cpu", add_layernorm_quantize_cpu, down, a, p(kNorm2W),
+                  opt(kNorm2B), eps2);
 }
 
 TORCH_LIBRARY_FRAGMENT(qbert, m) {

@@ -37,8 +37,9 @@ runs the layer op by op as above.
 Padded batches run unpadded (``qbert.nn.unpad``): the encoder gathers the real tokens' rows once, every
 layer runs its row-wise ops on those [T, H] rows, the self-attention scatters Q, K and V back to the
 padded [B, heads, S, d] for the model's attention implementation and gathers its context, and the encoder
-scatters the last hidden state back to [B, S, H] once, with zeros at the pad positions. For each real
-token the result equals the padded fused forward bitwise. Which batches stay padded (no padding, masks
+scatters the last hidden state back to [B, S, H] once, with zeros at the pad positions (a one-call layer
+attends within each sequence's real rows instead). For each real token the result equals the padded fused
+forward bitwise op by op, in float (same math) in one call. Which batches stay padded (no padding, masks
 that are not plain key padding, output capture, torch.compile / export / tracing / CUDA-graph capture,
 ``qbert.nn.unpad.unpadding(False)``) is listed in that module. A layer of a fused encoder that is not
 itself fused gets its hidden states padded and unpadded around it.

@@ -5,15 +5,20 @@ attention is row-wise (the int8 GEMMs, per-token quantization, LayerNorm, GELU: 
 depends on row t of the input alone), so it can run on the T real rows, gathered once:
 
     hidden [B, S, H] -> gather -> [T, H] -> every layer: Q, K, V, attention output, FFN on [T, .]
-      attention: scatter q, k, v to [B, heads, S, d] (zeros at the pads) -> the model's attention
-                 implementation with the mask unchanged -> gather the context back to [T, H]
+      attention, a layer run op by op: scatter q, k, v to [B, heads, S, d] (zeros at the pads) -> the
+                 model's attention implementation with the mask unchanged -> gather the context to [T, H]
+      attention, a layer run as one call (``qbert.ops.w8a8_encoder_layer``: CPU, eager, sdpa): each
+                 sequence's real rows attend to each other alone, no mask, no pad positions computed
     -> scatter once at the end -> [B, S, H], zeros at the pad positions
 
-The real tokens are the keys the mask lets every query attend to. For each real token the unpadded forward
-equals the padded one bitwise: the row-wise ops see the same rows, and in attention a padded key gets
-probability exactly 0 either way (its score is masked to -inf, or to the dtype's minimum plus a finite
-``q . k``, whose exponential underflows to 0), so a zero key / value in place of the pad token's adds
-exact zeros. The pad positions of the output are zeros, where the padded path leaves the (meaningless)
+The real tokens are the keys the mask lets every query attend to. Run op by op, the unpadded forward
+equals the padded one bitwise for each real token: the row-wise ops see the same rows, and in attention a
+padded key gets probability exactly 0 either way (its score is masked to -inf, or to the dtype's minimum
+plus a finite ``q . k``, whose exponential underflows to 0), so a zero key / value in place of the pad
+token's adds exact zeros. Run as one call, attention computes the same softmax over the same keys without
+the pad positions (on real text with ~30% padding that skips about half of attention's work), which is the
+same math but not the same bits: the kernel blocks the keys differently, and a requantized code can move
+by one step (fidelity to the float model is unchanged; tests/nn/test_unpad.py). The pad positions of the output are zeros, where the padded path leaves the (meaningless)
 output of the pad tokens; poolers that use the mask (sentence-transformers' mean, max, CLS-at-first-real-
 token and last-token pooling) read only real tokens. A head reading a pad position (a token-level head,
 whose labels collators set to -100 there; a ``*Pooler`` on position 0 of a left-padded batch) reads zeros.

@@ -4,20 +4,25 @@ Math (the reference below is the specification: qbert ops and torch's scaled dot
 this order):
     codes      = (x_q, x_scale), or quantize_per_token(x) when they are None
     q, k, v    = int8_linear(codes, W_q), int8_linear(codes, W_k), int8_linear(codes, W_v)   float32 [R, A]
-    q, k, v    -> [B, S, A] (with ``indices``: scattered to those positions of the flattened [B * S],
-                  zeros at the others) -> [B, heads, S, A / heads]
-    context    = scaled_dot_product_attention(q, k, v, attention_mask, scale=scaling)
-                 -> [B, S, A] -> [R, A] (with ``indices``: those rows)
+    context    = padded (indices None, R = B * S): q, k, v -> [B, S, A] -> [B, heads, S, A / heads] ->
+                   scaled_dot_product_attention(q, k, v, attention_mask, scale=scaling) -> [B, S, A] -> [R, A]
+                 unpadded (``indices``, R = T real tokens): sequence b's rows (L_b of them, consecutive,
+                   as the indices ascend) -> [1, heads, L_b, A / heads] ->
+                   scaled_dot_product_attention(q_b, k_b, v_b, no mask, scale=scaling) -> its rows
     a, a_codes = add_layernorm_quantize(w8a8_linear(context, W_o), x, LN_1)
     h_codes    = int8_linear_requant(a_codes, W_1, activation="gelu")
     y, y_codes = add_layernorm_quantize(int8_linear(h_codes, W_2), a, LN_2)
     returns (y float32 [R, H], y_q int8 [R, H], y_scale float32 [R])
 This is the layer ``FusedLayer`` runs op by op, with Hugging Face's sdpa attention in eval mode (no
-dropout). R = B * S rows, or the T real tokens of a padded batch (``qbert.nn.unpad``); A = heads * head
-size (the hidden size H unless heads were pruned).
+dropout); A = heads * head size (the hidden size H unless heads were pruned). Unpadded, ``indices`` are
+the real tokens' ascending positions in the flattened [B * S] of a batch whose mask is plain key padding
+(``qbert.nn.unpad``): each real query attends to exactly the real keys of its sequence, so attention runs
+on those alone and skips the pad positions; that is the padded attention's math, not its bits (the kernel
+blocks the keys differently), where the op-by-op chain scatters to the padded shape.
 Shapes: x float32 [R, H]; x_q int8 [R, H] and x_scale float32 [R], or both None; params: the ``PARAMS``
 tensors, in that order (``layer_params`` reads them off a layer; a bias may be None); attention_mask: what
-the layer receives (None, or a 4-D float or bool mask broadcastable to [B, heads, S, S]); indices int64
+the layer receives (None, or a 4-D float or bool mask broadcastable to [B, heads, S, S]; read only when
+padded: unpadded, the indices hold it); indices int64
 [R] ascending, or None. All on the CPU.
 
 Unlike the other ops this one is a plain function, not a torch.library custom op, and runs in eager mode
@@ -30,6 +35,8 @@ runs op by op, on each op's CUDA kernel.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -118,16 +125,24 @@ def w8a8_encoder_layer_reference(x, x_q, x_scale, params, eps1, eps2, heads, sca
     if x_q is None:
         x_q, x_scale = quantize_per_token(x)
 
-    def heads_view(t: torch.Tensor) -> torch.Tensor:
-        if indices is not None:
-            t = t.new_zeros(batch * seq, t.shape[1]).index_copy_(0, indices, t)
-        return t.view(batch, seq, heads, t.shape[1] // heads).transpose(1, 2)
+    q, k, v = (int8_linear(x_q, x_scale, w, s, b) for w, s, b in ((qw, qs, qb), (kw, ks, kb), (vw, vs, vb)))
 
-    q, k, v = (heads_view(int8_linear(x_q, x_scale, w, s, b)) for w, s, b in ((qw, qs, qb), (kw, ks, kb), (vw, vs, vb)))
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, scale=scaling)
-    context = context.transpose(1, 2).contiguous().view(batch * seq, -1)
-    if indices is not None:
-        context = context.index_select(0, indices)
+    def heads_view(t: torch.Tensor, sequences: int) -> torch.Tensor:  # [sequences * L, A] -> [.., heads, L, d]
+        return t.view(sequences, -1, heads, t.shape[1] // heads).transpose(1, 2)
+
+    if indices is None:
+        context = F.scaled_dot_product_attention(*(heads_view(t, batch) for t in (q, k, v)), attn_mask=attention_mask,
+                                                 dropout_p=0.0, scale=scaling)
+        context = context.transpose(1, 2).contiguous().view(batch * seq, -1)
+    else:
+        context = torch.empty_like(q)
+        lengths = torch.bincount(indices // seq, minlength=batch).tolist()
+        for start, length in zip(itertools.accumulate([0, *lengths]), lengths):
+            if length:
+                rows = slice(start, start + length)
+                out = F.scaled_dot_product_attention(*(heads_view(t[rows], 1) for t in (q, k, v)), dropout_p=0.0,
+                                                     scale=scaling)
+                heads_view(context[rows], 1).copy_(out)
     a, a_q, a_scale = add_layernorm_quantize(w8a8_linear(context, ow, os_, ob), x, n1w, n1b, eps1)
     h_q, h_scale = int8_linear_requant(a_q, a_scale, uw, us, ub, "gelu")
     return add_layernorm_quantize(int8_linear(h_q, h_scale, dw, ds, db), a, n2w, n2b, eps2)

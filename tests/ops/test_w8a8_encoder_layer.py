@@ -129,6 +129,11 @@ def test_the_kernel_checks_its_own_arguments(layer):
         torch.ops.qbert.w8a8_encoder_layer_cpu(x, None, None, params[:-1], *rest)
     with pytest.raises(RuntimeError, match="w8a8_encoder_layer_cpu: indices must have shape"):
         torch.ops.qbert.w8a8_encoder_layer_cpu(x, None, None, params, *rest[:5], torch.arange(3), *rest[6:])
+    # The unpadded attention takes each sequence's rows as consecutive: indices must ascend, in range.
+    for bad, at_row in ((torch.arange(BATCH * SEQ).flip(0), 1), (torch.arange(BATCH * SEQ) + 1, BATCH * SEQ - 1)):
+        with pytest.raises(RuntimeError, match=f"indices must ascend strictly within \\[0, batch \\* seq = "
+                                               f"{BATCH * SEQ}\\), got .* at row {at_row}"):
+            torch.ops.qbert.w8a8_encoder_layer_cpu(x, None, None, params, *rest[:5], bad, *rest[6:])
 
 
 def test_refuses_to_run_under_compile(layer):
