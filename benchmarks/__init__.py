@@ -14,6 +14,7 @@ SUITES = {
     "block_sparse": "bench_block_sparse",
     "e2e": "bench_e2e",
     "profile": "profile_forward",
+    "contention": "contention",
 }
 
 
