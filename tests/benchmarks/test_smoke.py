@@ -17,7 +17,7 @@ from qbert import cli
 # The linear-layer suites, with a row of qbert's own layer that each smoke run must time successfully.
 QBERT_ROW = {"int8_linear": "qbert w8a8", "int8_gemm": "qbert int8_gemm", "lowbit_linear": "qbert w4a16",
              "e2e": "qbert w8a8"}
-OWN_SMOKE_TEST = {"block_sparse", "profile"}  # tests/benchmarks/test_<suite>_smoke.py
+OWN_SMOKE_TEST = {"block_sparse", "profile", "contention"}  # tests/benchmarks/test_<suite>_smoke.py
 SHARED_RUN = {"e2e"}  # its smoke run (a minute) is made once, by the e2e_smoke fixture, for all its tests
 
 
