@@ -8,8 +8,8 @@ from transformers import BertConfig, BertModel
 
 import qbert
 from qbert.ops import w8a8_encoder_layer
-from qbert.prune.structure import remove_heads
 from qbert.ops.w8a8_encoder_layer import PARAMS, layer_params, w8a8_encoder_layer_reference
+from qbert.prune.structure import remove_heads
 
 HIDDEN, HEADS, FFN = 48, 4, 96
 BATCH, SEQ = 3, 9
