@@ -33,7 +33,7 @@ CATEGORIES = (
     ("per-token quantize", ("qbert::quantize_per_token_cpu",)),
     ("add + LayerNorm + quantize", ("qbert::add_layernorm_quantize_cpu",)),
     ("GELU", ("aten::gelu",)),
-    ("attention (softmax(QK^T)V)", ("aten::_scaled_dot_product", "aten::bmm", "aten::_softmax", "aten::baddbmm",
+    ("attention (softmax(QK^T)V)", ("qbert::varlen_attention_cpu", "aten::_scaled_dot_product", "aten::bmm", "aten::_softmax", "aten::baddbmm",
                                     "aten::matmul")),
     # The embedding lookups run index_select too: the op name cannot tell them from the unpadding's rows.
     ("row gather / scatter (embedding lookups, unpadding)", ("aten::index", "aten::nonzero")),

@@ -24,4 +24,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_quantize_cpu(const 
                                                                           const std::optional<at::Tensor>& bias,
                                                                           double eps);
 
+// varlen_attention.cpp
+at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& lengths, int64_t heads, double scaling);
+
 }  // namespace qbert::cpu

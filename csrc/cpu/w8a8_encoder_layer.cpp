@@ -2,21 +2,23 @@
 // call. Spec: qbert/ops/w8a8_encoder_layer.py::w8a8_encoder_layer_reference, whose qbert ops on the cpu
 // backend run the same kernels in the same order on the same operands, so its results are those bits. What
 // it saves is the Python and dispatch of the ~10 op calls and ~10 module calls of a layer (~0.4 ms a layer
-// measured at tiny shapes), and on padded batches the attention over pad positions.
+// measured at tiny shapes), and on padded batches the attention over pad positions; its attention is
+// qbert's varlen_attention kernel wherever the rows of a sequence attend to each other alone.
 //
 //   codes     = (x_q, x_scale), or quantize_per_token(x) when none are given
 //   q, k, v   = int8_linear(codes, W_q | W_k | W_v)                                   [R, A] f32
-//   context   = padded (no indices, R = B * S): [B, S, A] -> [B, heads, S, d] ->
+//   context   = unpadded (indices, R = T real tokens): varlen_attention(q, k, v, L) with L_b the real tokens
+//                 of sequence b (its rows are consecutive, as the indices ascend)
+//               padded (no indices, R = B * S), no mask: varlen_attention(q, k, v, [S] * B)
+//               padded with a mask: [B, S, A] -> [B, heads, S, d] ->
 //                 scaled_dot_product_attention(q, k, v, mask, scale=scaling) -> [B, S, A] -> [R, A]
-//               unpadded (indices, R = T real tokens): per sequence b, its L_b rows [1, heads, L_b, d] ->
-//                 scaled_dot_product_attention(q_b, k_b, v_b, no mask, scale=scaling) -> its L_b rows
 //   a, a_codes = add_layernorm_quantize(w8a8_linear(context, W_o), x, LN_1)
 //   h_codes   = quantize_per_token(gelu(int8_linear(a_codes, W_1)))
 //   y, y_codes = add_layernorm_quantize(int8_linear(h_codes, W_2), a, LN_2)        -> (y, y_q, y_scale)
 // A = heads * head size d (the hidden size H unless heads were pruned). `indices`: the real tokens'
 // positions in the flattened [B * S], ascending (qbert/nn/unpad.py); the mask is then plain key padding, so
-// each real query attends to exactly the real keys of its sequence, which is what the unpadded attention
-// computes (the same math as the padded call, not its bits: the kernel blocks the keys differently).
+// each real query attends to exactly the real keys of its sequence, which is what varlen_attention computes
+// (the same math as the padded call, not its bits).
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -95,33 +97,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w8a8_encoder_layer_cpu(
                            at::kFloat);
   };
   at::Tensor context;
-  if (indices) {
-    // The real tokens of sequence b are rows [start_b, start_b + L_b) (indices ascend): attention runs on
-    // them alone, each sequence one call with no mask, and writes its context rows in place.
+  if (indices || !attention_mask) {
+    // Rows of one sequence are consecutive: unpadded, sequence b's L_b real tokens (indices ascend);
+    // padded with no mask, every sequence's S rows. varlen_attention attends within each.
     const at::Tensor q = project(kQueryW), k = project(kKeyW), v = project(kValueW);
-    const int64_t width = q.size(1);
-    QBERT_CHECK(width % heads == 0, op, "heads (", heads, ") must divide the attention width ", width);
-    const int64_t d = width / heads;
-    const at::Tensor idx = indices->contiguous();
-    const int64_t* pos = idx.data_ptr<int64_t>();
-    std::vector<int64_t> length(batch, 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      QBERT_CHECK(pos[r] >= 0 && pos[r] < batch * seq && (r == 0 || pos[r] > pos[r - 1]), op,
-                  "indices must ascend strictly within [0, batch * seq = ", batch * seq, "), got ", pos[r],
-                  " at row ", r);
-      ++length[pos[r] / seq];
+    QBERT_CHECK(q.size(1) % heads == 0, op, "heads (", heads, ") must divide the attention width ", q.size(1));
+    at::Tensor lengths = at::full({batch}, seq, at::kLong);
+    if (indices) {
+      const at::Tensor idx = indices->contiguous();
+      const int64_t* pos = idx.data_ptr<int64_t>();
+      int64_t* length = lengths.zero_().data_ptr<int64_t>();
+      for (int64_t r = 0; r < rows; ++r) {
+        QBERT_CHECK(pos[r] >= 0 && pos[r] < batch * seq && (r == 0 || pos[r] > pos[r - 1]), op,
+                    "indices must ascend strictly within [0, batch * seq = ", batch * seq, "), got ", pos[r],
+                    " at row ", r);
+        ++length[pos[r] / seq];
+      }
     }
-    context = at::empty_like(q);
-    for (int64_t b = 0, start = 0; b < batch; start += length[b], ++b) {
-      if (length[b] == 0) continue;
-      const auto heads_view = [&](const at::Tensor& t) {
-        return t.narrow(0, start, length[b]).view({1, length[b], heads, d}).transpose(1, 2);
-      };
-      const at::Tensor out = at::scaled_dot_product_attention(heads_view(q), heads_view(k), heads_view(v),
-                                                              std::nullopt, /*dropout_p=*/0.0, /*is_causal=*/false,
-                                                              scaling);
-      heads_view(context).copy_(out);
-    }
+    context = recorded("qbert::varlen_attention_cpu", varlen_attention_cpu, q, k, v, lengths, heads, scaling);
   } else {
     // [B * S, A] -> [B, heads, S, A / heads], as FusedSelfAttention shapes them (a view of [B, S, heads, d]);
     // A = heads * d, the hidden size unless heads were pruned.

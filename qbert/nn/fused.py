@@ -27,8 +27,9 @@ Hugging Face modules unchanged. The unfused path (``qbert.quantize(model, "w8a8"
 reference the fused chain is tested against.
 
 On the CPU in eager mode a layer whose four pieces all run on codes is one op, ``w8a8_encoder_layer``
-(one C++ call: the same kernels in the same order, so the same bits, without the Python of the ~20 op
-and module calls between them), when the forward is one that op reproduces: eval mode (no dropout),
+(one C++ call: the same kernels in the same order, without the Python of the ~20 op and module calls
+between them; its attention is qbert's ``varlen_attention`` where no mask is needed, the same math as sdpa,
+not its bits, and sdpa itself on a masked padded batch, the same bits), when the forward is one that op reproduces: eval mode (no dropout),
 float32, Hugging Face's sdpa attention, no keyword but ``position_ids`` for the attention, no cache or
 cross-attention, no output capture, and no forward hooks on the layer's sub-modules (hooks on the layer
 itself still run). Any other forward, and every forward on CUDA or under ``torch.compile`` / tracing,

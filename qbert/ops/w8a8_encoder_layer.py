@@ -1,24 +1,25 @@
 """w8a8_encoder_layer: one BERT-family encoder layer of the fused W8A8 chain (``qbert.nn.fused``) in one op.
 
-Math (the reference below is the specification: qbert ops and torch's scaled dot-product attention, in
-this order):
+Math (the reference below is the specification: qbert ops, and torch's scaled dot-product attention for a
+padded batch with a mask, in this order):
     codes      = (x_q, x_scale), or quantize_per_token(x) when they are None
     q, k, v    = int8_linear(codes, W_q), int8_linear(codes, W_k), int8_linear(codes, W_v)   float32 [R, A]
-    context    = padded (indices None, R = B * S): q, k, v -> [B, S, A] -> [B, heads, S, A / heads] ->
-                   scaled_dot_product_attention(q, k, v, attention_mask, scale=scaling) -> [B, S, A] -> [R, A]
-                 unpadded (``indices``, R = T real tokens): sequence b's rows (L_b of them, consecutive,
-                   as the indices ascend) -> [1, heads, L_b, A / heads] ->
-                   scaled_dot_product_attention(q_b, k_b, v_b, no mask, scale=scaling) -> its rows
+    context    = unpadded (``indices``, R = T real tokens): varlen_attention(q, k, v, L), L_b the real
+                   tokens of sequence b (its rows are consecutive, as the indices ascend)
+                 padded (indices None, R = B * S) with no mask: varlen_attention(q, k, v, [S] * B)
+                 padded with a mask: q, k, v -> [B, S, A] -> [B, heads, S, A / heads] ->
+                   scaled_dot_product_attention(q, k, v, attention_mask, scale=scaling) -> [R, A]
     a, a_codes = add_layernorm_quantize(w8a8_linear(context, W_o), x, LN_1)
     h_codes    = int8_linear_requant(a_codes, W_1, activation="gelu")
     y, y_codes = add_layernorm_quantize(int8_linear(h_codes, W_2), a, LN_2)
     returns (y float32 [R, H], y_q int8 [R, H], y_scale float32 [R])
-This is the layer ``FusedLayer`` runs op by op, with Hugging Face's sdpa attention in eval mode (no
-dropout); A = heads * head size (the hidden size H unless heads were pruned). Unpadded, ``indices`` are
+This is the layer ``FusedLayer`` runs op by op, there with Hugging Face's sdpa attention in eval mode (no
+dropout) on the padded shape; A = heads * head size (the hidden size H unless heads were pruned). Unpadded, ``indices`` are
 the real tokens' ascending positions in the flattened [B * S] of a batch whose mask is plain key padding
 (``qbert.nn.unpad``): each real query attends to exactly the real keys of its sequence, so attention runs
-on those alone and skips the pad positions; that is the padded attention's math, not its bits (the kernel
-blocks the keys differently), where the op-by-op chain scatters to the padded shape.
+on those alone and skips the pad positions; that is the padded attention's math, not its bits, where the
+op-by-op chain scatters to the padded shape and runs the model's attention (sdpa). So is varlen_attention
+on a padded batch with no mask: qbert's attention kernel, not torch's.
 Shapes: x float32 [R, H]; x_q int8 [R, H] and x_scale float32 [R], or both None; params: the ``PARAMS``
 tensors, in that order (``layer_params`` reads them off a layer; a bias may be None); attention_mask: what
 the layer receives (None, or a 4-D float or bool mask broadcastable to [B, heads, S, S]; read only when
@@ -36,8 +37,6 @@ runs op by op, on each op's CUDA kernel.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +46,7 @@ from qbert.ops.add_layernorm_quantize import add_layernorm_quantize
 from qbert.ops.int8_linear import int8_linear
 from qbert.ops.int8_linear_requant import int8_linear_requant
 from qbert.ops.quantize_per_token import quantize_per_token
+from qbert.ops.varlen_attention import varlen_attention
 from qbert.ops.w8a8_linear import w8a8_linear
 
 NAME = "w8a8_encoder_layer"
@@ -127,22 +127,17 @@ def w8a8_encoder_layer_reference(x, x_q, x_scale, params, eps1, eps2, heads, sca
 
     q, k, v = (int8_linear(x_q, x_scale, w, s, b) for w, s, b in ((qw, qs, qb), (kw, ks, kb), (vw, vs, vb)))
 
-    def heads_view(t: torch.Tensor, sequences: int) -> torch.Tensor:  # [sequences * L, A] -> [.., heads, L, d]
-        return t.view(sequences, -1, heads, t.shape[1] // heads).transpose(1, 2)
+    if indices is None and attention_mask is not None:
+        def heads_view(t: torch.Tensor) -> torch.Tensor:  # [B * S, A] -> [B, heads, S, d]
+            return t.view(batch, -1, heads, t.shape[1] // heads).transpose(1, 2)
 
-    if indices is None:
-        context = F.scaled_dot_product_attention(*(heads_view(t, batch) for t in (q, k, v)), attn_mask=attention_mask,
+        context = F.scaled_dot_product_attention(*(heads_view(t) for t in (q, k, v)), attn_mask=attention_mask,
                                                  dropout_p=0.0, scale=scaling)
         context = context.transpose(1, 2).contiguous().view(batch * seq, -1)
     else:
-        context = torch.empty_like(q)
-        lengths = torch.bincount(indices // seq, minlength=batch).tolist()
-        for start, length in zip(itertools.accumulate([0, *lengths]), lengths):
-            if length:
-                rows = slice(start, start + length)
-                out = F.scaled_dot_product_attention(*(heads_view(t[rows], 1) for t in (q, k, v)), dropout_p=0.0,
-                                                     scale=scaling)
-                heads_view(context[rows], 1).copy_(out)
+        lengths = (torch.full((batch,), seq, dtype=torch.int64) if indices is None
+                   else torch.bincount(indices // seq, minlength=batch))
+        context = varlen_attention(q, k, v, lengths, heads, scaling)
     a, a_q, a_scale = add_layernorm_quantize(w8a8_linear(context, ow, os_, ob), x, n1w, n1b, eps1)
     h_q, h_scale = int8_linear_requant(a_q, a_scale, uw, us, ub, "gelu")
     return add_layernorm_quantize(int8_linear(h_q, h_scale, dw, ds, db), a, n2w, n2b, eps2)

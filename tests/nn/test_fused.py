@@ -230,9 +230,9 @@ def _op_by_op(model):
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_one_call_layers_equal_the_op_by_op_chain(family, padded, op_calls):
-    # Tier: padded, exact: the one-call layer runs the chain's cpu kernels in the chain's order. Unpadded,
-    # same math in float: its attention runs on each sequence's real tokens alone, the chain's on the
-    # padded shape (tests/nn/test_unpad.py).
+    # Tier: padded (the batch has a mask), exact: the one-call layer runs the chain's cpu kernels and sdpa in
+    # the chain's order. Unpadded, same math in float: its attention (varlen_attention) runs on each
+    # sequence's real tokens alone, the chain's (sdpa) on the padded shape (tests/nn/test_unpad.py).
     fused, _ = _pair(family)
     layers = fused.config.num_hidden_layers
     with unpadding(not padded):

@@ -16,10 +16,12 @@ BATCH, SEQ = 3, 9
 EPS = 1e-12
 
 
-@pytest.fixture(scope="module")
-def layer():
+# Head sizes 12 and 16: varlen_attention runs torch's kernel per sequence for the first, qbert's AVX-512 kernel
+# (where the CPU has it) for the second; the layer equals its reference bitwise either way.
+@pytest.fixture(scope="module", params=[HEADS, HIDDEN // 16], ids=lambda heads: f"d{HIDDEN // heads}")
+def layer(request):
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=HEADS,
+    config = BertConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=request.param,
                         intermediate_size=FFN, vocab_size=64, max_position_embeddings=32)
     model = qbert.quantize(BertModel(config).eval(), "w8a8", progress=False)
     return model.encoder.layer[0]
