@@ -29,7 +29,8 @@ SMOKE_WARMUP, SMOKE_FORWARDS = 1, 2
 REST = "rest (Python, dispatch, profiler)"
 # (category, op-name prefixes); an op goes in the first category with a matching prefix, else "other ops".
 CATEGORIES = (
-    ("int8 GEMM + epilogue", ("qbert::int8_linear_cpu", "qbert::int8_gemm_cpu")),
+    # int8_linear_gelu_cpu runs the FFN up-projection's GELU in the GEMM epilogue on AVX-512.
+    ("int8 GEMM + epilogue", ("qbert::int8_linear_cpu", "qbert::int8_linear_gelu_cpu", "qbert::int8_gemm_cpu")),
     ("per-token quantize", ("qbert::quantize_per_token_cpu",)),
     ("add + LayerNorm + quantize", ("qbert::add_layernorm_quantize_cpu",)),
     ("GELU", ("aten::gelu",)),

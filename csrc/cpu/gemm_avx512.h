@@ -117,7 +117,7 @@ QBERT_AVX512 inline void store_tile_i32(__m512i (&acc)[MR][kVecsPerPanel], const
   }
 }
 
-template <int MR, OutKind OUT, bool HAS_BIAS>
+template <int MR, OutKind OUT, bool HAS_BIAS, bool GELU>
 QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], const Epilogue& e, int64_t m0,
                                           int64_t n0) {
   __m512 ws[kVecsPerPanel], bias[kVecsPerPanel];
@@ -138,6 +138,7 @@ QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], con
       y = _mm512_mul_ps(y, ws[v]);
       QBERT_NO_CONTRACT(y);
       if constexpr (HAS_BIAS) y = _mm512_add_ps(y, bias[v]);
+      if constexpr (GELU) y = gelu16(y);
       if constexpr (OUT == OutKind::kF32) {
         if (e.stream)
           _mm512_stream_ps(static_cast<float*>(e.out) + o + v * kLanes, y);
@@ -157,8 +158,13 @@ QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], con
 template <int MR, OutKind OUT>
 QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], const Epilogue& e, int64_t m0,
                                           int64_t n0) {
-  if (e.bias_kind != BiasKind::kNone) return store_tile_float<MR, OUT, true>(acc, e, m0, n0);
-  store_tile_float<MR, OUT, false>(acc, e, m0, n0);
+  const bool bias = e.bias_kind != BiasKind::kNone;
+  if (e.gelu) {
+    if (bias) return store_tile_float<MR, OUT, true, true>(acc, e, m0, n0);
+    return store_tile_float<MR, OUT, false, true>(acc, e, m0, n0);
+  }
+  if (bias) return store_tile_float<MR, OUT, true, false>(acc, e, m0, n0);
+  store_tile_float<MR, OUT, false, false>(acc, e, m0, n0);
 }
 
 template <int MR>

@@ -1,6 +1,9 @@
 // int8_linear_cpu: out [M, N] = ((float(x_q @ w_q.T) * x_scale[m]) * w_scale[n]) + bias[n], cast to
 // out_dtype. Spec: qbert/ops/int8_linear.py::int8_linear_reference. The dequantization runs in the
 // GEMM's epilogue on each finished int32 tile (gemm_epilogue.h): no [M, N] int32 intermediate.
+// int8_linear_gelu_cpu: gelu of that, float32. On AVX-512 the GELU runs in the epilogue too (gelu16: qbert's
+// erf, the same math as torch's GELU within a few ulp, so the float32 y makes no extra round trip through
+// memory); on the other ISAs torch's GELU runs on the finished y (the reference's bits).
 #include "common/checks.h"
 #include "cpu/gemm_driver.h"
 
@@ -27,12 +30,9 @@ OutKind out_kind(at::ScalarType dtype, const char* op) {
   return OutKind::kF32;
 }
 
-}  // namespace
-
-at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
-                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                           at::ScalarType out_dtype) {
-  constexpr const char* op = "int8_linear_cpu";
+at::Tensor linear(const char* op, const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
+                  const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                  Isa isa, bool gelu) {
   for (const at::Tensor* t : {&x_q, &x_scale, &w_q, &w_scale}) {
     QBERT_CHECK((*t).device().is_cpu(), op, "every tensor must be on the CPU, got ", (*t).device());
     QBERT_CHECK((*t).is_contiguous(), op, "every tensor must be contiguous, got strides ", (*t).strides());
@@ -67,15 +67,36 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, con
   at::Tensor out = at::empty({M, N}, x_q.options().dtype(out_dtype));
   epi.out = out.data_ptr();
   epi.ldo = N;
-  int8_gemm_fused(x_q.data_ptr<int8_t>(), w_q.data_ptr<int8_t>(), M, N, K, epi, active_isa());
+  epi.gelu = gelu;  // honoured by the AVX-512 kernels only: the caller asks for it with those alone
+  int8_gemm_fused(x_q.data_ptr<int8_t>(), w_q.data_ptr<int8_t>(), M, N, K, epi, isa);
   return out;
+}
+
+}  // namespace
+
+at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
+                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                           at::ScalarType out_dtype) {
+  return linear("int8_linear_cpu", x_q, x_scale, w_q, w_scale, bias, out_dtype, active_isa(), /*gelu=*/false);
+}
+
+at::Tensor int8_linear_gelu_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
+                                const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "int8_linear_gelu_cpu";
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512Vnni) return linear(op, x_q, x_scale, w_q, w_scale, bias, at::kFloat, isa, /*gelu=*/true);
+  return at::gelu(linear(op, x_q, x_scale, w_q, w_scale, bias, at::kFloat, isa, /*gelu=*/false));
 }
 
 TORCH_LIBRARY_FRAGMENT(qbert, m) {
   m.def("int8_linear_cpu(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, "
         "ScalarType out_dtype) -> Tensor");
+  m.def("int8_linear_gelu_cpu(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(qbert, CPU, m) { m.impl("int8_linear_cpu", &int8_linear_cpu); }
+TORCH_LIBRARY_IMPL(qbert, CPU, m) {
+  m.impl("int8_linear_cpu", &int8_linear_cpu);
+  m.impl("int8_linear_gelu_cpu", &int8_linear_gelu_cpu);
+}
 
 }  // namespace qbert::cpu

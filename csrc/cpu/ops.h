@@ -13,6 +13,8 @@ namespace qbert::cpu {
 at::Tensor int8_linear_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                            at::ScalarType out_dtype);
+at::Tensor int8_linear_gelu_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
+                                const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
 
 // quantize_per_token.cpp
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x);

@@ -13,7 +13,7 @@
 //               padded with a mask: [B, S, A] -> [B, heads, S, d] ->
 //                 scaled_dot_product_attention(q, k, v, mask, scale=scaling) -> [B, S, A] -> [R, A]
 //   a, a_codes = add_layernorm_quantize(w8a8_linear(context, W_o), x, LN_1)
-//   h_codes   = quantize_per_token(gelu(int8_linear(a_codes, W_1)))
+//   h_codes   = quantize_per_token(int8_linear_gelu(a_codes, W_1))
 //   y, y_codes = add_layernorm_quantize(int8_linear(h_codes, W_2), a, LN_2)        -> (y, y_q, y_scale)
 // A = heads * head size d (the hidden size H unless heads were pruned). `indices`: the real tokens'
 // positions in the flattened [B * S], ascending (qbert/nn/unpad.py); the mask is then plain key padding, so
@@ -136,9 +136,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w8a8_encoder_layer_cpu(
                                 opt(kOutBias), at::kFloat);
   const auto [a, a_q, a_scale] =
       recorded("qbert::add_layernorm_quantize_cpu", add_layernorm_quantize_cpu, o, x, p(kNorm1W), opt(kNorm1B), eps1);
-  // The FFN up-projection: int8_linear_requant's cpu row with the exact GELU.
-  const at::Tensor up = at::gelu(recorded("qbert::int8_linear_cpu", int8_linear_cpu, a_q, a_scale, p(kUpW),
-                                          p(kUpScale), opt(kUpBias), at::kFloat));
+  // The FFN up-projection: int8_linear_requant's cpu row with the exact GELU (in the GEMM's epilogue on AVX-512).
+  const at::Tensor up = recorded("qbert::int8_linear_gelu_cpu", int8_linear_gelu_cpu, a_q, a_scale, p(kUpW),
+                                 p(kUpScale), opt(kUpBias));
   const auto [h_q, h_scale] = recorded("qbert::quantize_per_token_cpu", quantize_per_token_cpu, up);
   const at::Tensor down = recorded("qbert::int8_linear_cpu", int8_linear_cpu, h_q, h_scale, p(kDownW),
                                    p(kDownScale), opt(kDownBias), at::kFloat);

@@ -67,10 +67,15 @@ def int8_linear_requant_reference(x_q, x_scale, w_q, w_scale, bias, activation):
 
 
 def _cpu(x_q, x_scale, w_q, w_scale, bias, activation):
-    # The C++ int8 GEMM gives the exact float32 y (its epilogue rounds like the reference); the activation
-    # and the quantizer then run on it, so the result equals the reference bit for bit.
-    y = torch.ops.qbert.int8_linear_cpu(x_q, x_scale, w_q, w_scale, bias, torch.float32)
-    return torch.ops.qbert.quantize_per_token_cpu(apply_activation(y, activation))
+    # The C++ int8 GEMM gives the exact float32 y (its epilogue rounds like the reference), with GELU on
+    # AVX-512 in the epilogue too (qbert's erf, within a few ulp of torch's: a code on a rounding boundary
+    # can move by one step); the quantizer then runs on it. Without the activation, or below AVX-512
+    # (torch's GELU), the result is the reference's bit for bit.
+    if activation == "gelu":
+        y = torch.ops.qbert.int8_linear_gelu_cpu(x_q, x_scale, w_q, w_scale, bias)
+    else:
+        y = torch.ops.qbert.int8_linear_cpu(x_q, x_scale, w_q, w_scale, bias, torch.float32)
+    return torch.ops.qbert.quantize_per_token_cpu(y)
 
 
 def _triton(x_q, x_scale, w_q, w_scale, bias, activation):
@@ -84,6 +89,6 @@ def _triton(x_q, x_scale, w_q, w_scale, bias, activation):
 
 
 _OP = op(NAME, reference=int8_linear_requant_reference,
-         cpu=Row(_cpu, kernel=("int8_linear_cpu", "quantize_per_token_cpu")),
+         cpu=Row(_cpu, kernel=("int8_linear_cpu", "int8_linear_gelu_cpu", "quantize_per_token_cpu")),
          triton=Row(_triton),
          cuda=Row(kernel="int8_linear_requant_cuda"))
