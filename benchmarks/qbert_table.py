@@ -135,7 +135,7 @@ QAT_FIELDS = ("batch_size", "qat_steps", "qat_lr")
 GPTQ_FIELDS = ("gptq_batches", "gptq_batch_size")
 
 
-# Full run, sized for <= 45 minutes on 2 idle CPU cores. Measured on the 2-core AMD EPYC (Zen 5): an fp32
+# Full run, sized for <= 45 minutes on 2 idle CPU cores. Measured on the 2-core AMD EPYC (Zen 4): an fp32
 # training step (16 x 128 tokens) ~1.0 s, a QAT step ~0.85 s (no dropout, fake quant included), one joint
 # Hutchinson probe on one batch ~2.7 s, an evaluation of the 445 test articles 3-7 s. So: fp32 336 steps
 # ~6 min, traces 24 probes x 2 batches ~2 min, 15 quantized rows x 80 QAT steps ~17 min, evaluations ~2 min:

@@ -117,7 +117,7 @@ QBERT_AVX512 inline void store_tile_i32(__m512i (&acc)[MR][kVecsPerPanel], const
   }
 }
 
-template <int MR, OutKind OUT, bool HAS_BIAS, bool GELU>
+template <int MR, OutKind OUT, bool HAS_BIAS>
 QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], const Epilogue& e, int64_t m0,
                                           int64_t n0) {
   __m512 ws[kVecsPerPanel], bias[kVecsPerPanel];
@@ -138,7 +138,6 @@ QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], con
       y = _mm512_mul_ps(y, ws[v]);
       QBERT_NO_CONTRACT(y);
       if constexpr (HAS_BIAS) y = _mm512_add_ps(y, bias[v]);
-      if constexpr (GELU) y = gelu16(y);
       if constexpr (OUT == OutKind::kF32) {
         if (e.stream)
           _mm512_stream_ps(static_cast<float*>(e.out) + o + v * kLanes, y);
@@ -158,13 +157,8 @@ QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], con
 template <int MR, OutKind OUT>
 QBERT_AVX512 inline void store_tile_float(__m512i (&acc)[MR][kVecsPerPanel], const Epilogue& e, int64_t m0,
                                           int64_t n0) {
-  const bool bias = e.bias_kind != BiasKind::kNone;
-  if (e.gelu) {
-    if (bias) return store_tile_float<MR, OUT, true, true>(acc, e, m0, n0);
-    return store_tile_float<MR, OUT, false, true>(acc, e, m0, n0);
-  }
-  if (bias) return store_tile_float<MR, OUT, true, false>(acc, e, m0, n0);
-  store_tile_float<MR, OUT, false, false>(acc, e, m0, n0);
+  if (e.bias_kind != BiasKind::kNone) return store_tile_float<MR, OUT, true>(acc, e, m0, n0);
+  store_tile_float<MR, OUT, false>(acc, e, m0, n0);
 }
 
 template <int MR>
@@ -189,8 +183,8 @@ struct Prefetch {
 };
 constexpr int kLineBytes = 64;
 
-// A full-width tile (nr == kNr) goes through store_tile; a ragged one through `tile` [MR][kNr] and
-// epilogue_row_avx512, which masks the columns past nr.
+// A full-width tile (nr == kNr) goes through store_tile; a ragged one, or one with a GELU epilogue,
+// through `tile` [MR][kNr] and epilogue_row_avx512, which masks the columns past nr.
 template <int MR>
 QBERT_AVX512 inline void micro_kernel(const int8_t* a, int64_t lda, const uint8_t* bp, int64_t groups,
                                       const Epilogue& e, int64_t m0, int64_t n0, int nr, int32_t* tile,
@@ -221,7 +215,10 @@ QBERT_AVX512 inline void micro_kernel(const int8_t* a, int64_t lda, const uint8_
       for (int v = 0; v < kVecsPerPanel; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], bv[v], av);
     }
   }
-  if (nr == kNr) return store_tile<MR>(acc, e, m0, n0);
+  // A GELU epilogue goes through the tile buffer and epilogue_row_avx512 (an L1 round trip of the int32
+  // tile): a GELU variant of store_tile's unrolled stores made the shared kernel too large to inline well
+  // (W4A8's forward, which reuses it, measured 79 -> 117 ms at BERT-base b1).
+  if (nr == kNr && !e.gelu) return store_tile<MR>(acc, e, m0, n0);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
