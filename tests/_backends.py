@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -71,3 +74,20 @@ def assert_error_within(out: torch.Tensor, truth: torch.Tensor, baseline: torch.
     base_err = (baseline.double() - truth).abs().max().item()
     floor = torch.finfo(torch.float32).eps * truth.abs().max().item()
     assert out_err <= factor * base_err + floor, f"error {out_err:.3g} > {factor} x baseline {base_err:.3g}"
+
+
+@contextlib.contextmanager
+def forced_cpu_isa(name: str) -> Iterator[str]:
+    """The cpu kernels forced onto instruction set ``name`` inside the block (the test skips when this CPU
+    lacks it); the automatic choice is restored after."""
+    from qbert import _ext
+
+    C = _ext.module()
+    if name not in C.cpu_isas():
+        pytest.skip(f"this CPU cannot run {name} (it offers {C.cpu_isas()})")
+    C.set_cpu_isa(name)
+    assert C.cpu_isa() == name
+    try:
+        yield name
+    finally:
+        C.set_cpu_isa("auto")

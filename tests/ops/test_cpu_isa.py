@@ -16,6 +16,7 @@ from qbert.ops.int8_gemm import int8_gemm_reference
 from qbert.ops.int8_linear import int8_linear_reference
 from qbert.ops.quantize_per_token import quantize_per_token_reference
 from qbert.quant.int8 import INT8_GEMM_MAX_K, INT8_QMAX
+from tests._backends import forced_cpu_isa
 
 pytestmark = pytest.mark.skipif(bool(_ext.load_error()), reason="; ".join(_ext.load_error()) or "loaded")
 
@@ -43,13 +44,8 @@ def _dtype_id(dtype) -> str:
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Forces one ISA for the test, skipping ISAs this CPU lacks; restores the automatic choice after."""
-    C = _ext.module()
-    if request.param not in C.cpu_isas():
-        pytest.skip(f"this CPU cannot run {request.param} (it offers {C.cpu_isas()})")
-    C.set_cpu_isa(request.param)
-    assert C.cpu_isa() == request.param
-    yield request.param
-    C.set_cpu_isa("auto")
+    with forced_cpu_isa(request.param) as name:
+        yield name
 
 
 def _int8_operands(M: int, N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from qbert.ops.lowbit_linear import lowbit_linear_reference
 from qbert.ops.w4a8_linear import W4A8_BITS, W4A8_MAX_GROUP_K, w4a8_linear_reference
 from qbert.quant.lowbit import dequantize_lowbit
 from qbert.quant.packing import BITS_CHOICES, pack, unpack
-from tests._backends import assert_error_within
+from tests._backends import assert_error_within, forced_cpu_isa
 from tests.ops._lowbit import case_id, lowbit_operands
 
 pytestmark = pytest.mark.skipif(bool(_ext.load_error()), reason="; ".join(_ext.load_error()) or "loaded")
@@ -39,12 +39,8 @@ def _dtype_id(dtype) -> str:
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Forces one ISA for the test, skipping ISAs this CPU lacks; restores the automatic choice after."""
-    C = _ext.module()
-    if request.param not in C.cpu_isas():
-        pytest.skip(f"this CPU cannot run {request.param} (it offers {C.cpu_isas()})")
-    C.set_cpu_isa(request.param)
-    yield request.param
-    C.set_cpu_isa("auto")
+    with forced_cpu_isa(request.param) as name:
+        yield name
 
 
 def _truth(x, w_packed, scales, zeros, bits, group_size, bias):

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import qbert
-from qbert import _ext
 from qbert.ops import varlen_attention
 from qbert.ops.varlen_attention import varlen_attention_reference
-from tests._backends import device_backends
+from tests._backends import device_backends, forced_cpu_isa
 
 NAME = "varlen_attention"
 ERROR_FACTOR = 2.0
@@ -112,12 +111,8 @@ def test_thread_count_does_not_change_the_bits():
 
 @pytest.fixture(params=("scalar", "avx2", "avx_vnni"))
 def lower_isa(request):
-    C = _ext.module()
-    if request.param not in C.cpu_isas():
-        pytest.skip(f"this CPU cannot run {request.param} (it offers {C.cpu_isas()})")
-    C.set_cpu_isa(request.param)
-    yield request.param
-    C.set_cpu_isa("auto")
+    with forced_cpu_isa(request.param) as name:
+        yield name
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=_case_id)
