@@ -279,6 +279,9 @@ void run_scalar(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t 
 }  // namespace
 
 void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi, Isa isa) {
+  // Only the AVX-512 epilogues apply a GELU; the other paths would silently leave it out.
+  TORCH_CHECK(!epi.gelu || isa == Isa::kAvx512Vnni, "int8_gemm_fused: a GELU epilogue needs the AVX-512 kernels, got ",
+              isa_name(isa));
   if (M == 0 || N == 0) return;
   switch (isa) {
     case Isa::kAvx512Vnni:
