@@ -4,14 +4,17 @@ policy.
 
 Workloads: the e2e suite's CPU ones at encoder scope, eager (BERT-base s128 batch 1, all-MiniLM-L6-v2 on
 BBC News leads). Load: "idle", or "busy" (``BUSY_PROCESSES`` processes spinning in a Python loop, started
-before the case and stopped after it), the situation of a shared server. Wait policy: torch's CPU ops
-(qbert's kernels among them) run on OpenMP, whose policy is read once, when the runtime loads: "default"
-(GNU OpenMP's: a thread that waits spins first, which under oversubscription takes the core from the
-thread holding the work) or ``OMP_WAIT_POLICY=PASSIVE`` (a waiting thread sleeps). Each policy runs in a
-child process of its own with the variable set. ONNX Runtime has its own thread pool and ignores it.
+before the case and stopped after it), the situation of a shared server. Wait policy: torch's CPU ops run
+on OpenMP, whose policy is read once, when the runtime loads: "default" (GNU OpenMP's: a thread that waits
+spins for milliseconds first, which under oversubscription takes the core from the thread holding the
+work) or ``OMP_WAIT_POLICY=PASSIVE`` (a waiting thread sleeps). Each policy runs in a child process of its
+own with the variable set. qbert's kernels run on qbert's own pool (``csrc/cpu/parallel.h``), whose waiting
+threads spin briefly and then sleep under either policy, and a one-call encoder runs torch's remaining ops
+serially; torch.ao lives on OpenMP; ONNX Runtime has its own thread pool and ignores the variable.
 Rows are timed side by side (``qbert.timing.time_round_robin``, as in ``bench e2e``). Reports ms per
 forward, the speedup over ORT int8 of the same configuration, and ``slowdown``: busy time / idle time of
-the same row, policy and threads.
+the same row, policy and threads. The report ends with the target: at the largest thread count, under each
+policy, qbert's slowdown no worse than ORT int8's.
 
     python -m qbert.benchmarks.contention [--smoke] [--out DIR] [--threads N]
 (--threads is the largest thread count: the suite runs 1 and N; --smoke runs N only.)
@@ -128,6 +131,32 @@ def _measure(policy: str | None, smoke: bool, threads: list[int]) -> dict[str, A
     return json.loads(lines[-1].removeprefix(RESULT_PREFIX))
 
 
+def evaluate_targets(results: list[H.Result], threads: int) -> list[dict[str, Any]]:
+    """Per workload and policy at ``threads`` threads: qbert W8A8's slowdown against ORT int8's."""
+    targets = []
+    keys = dict.fromkeys((r.case["model"], r.case["wait policy"]) for r in results)
+    for model, policy in keys:
+        busy = {r.impl: r for r in results if r.case["model"] == model and r.case["wait policy"] == policy
+                and r.case["threads"] == threads and r.case["load"] == "busy" and r.status == H.STATUS_OK}
+        target = {"model": model, "wait policy": policy, "threads": threads}
+        if QBERT not in busy or ORT not in busy:
+            targets.append({**target, "verdict": "n/a", "reason": "qbert or ORT int8 was not timed"})
+            continue
+        mine, theirs = busy[QBERT].metrics["slowdown"], busy[ORT].metrics["slowdown"]
+        targets.append({**target, "qbert": mine, "ort": theirs, "verdict": "PASS" if mine <= theirs else "MISS"})
+    return targets
+
+
+def targets_markdown(targets: list[dict[str, Any]]) -> str:
+    lines = ["", "### Target (slowdown beside the busy process; measured in this run)", ""]
+    for t in targets:
+        head = f"- {t['model']}, {t['threads']} threads, {t['wait policy']} policy: "
+        lines.append(head + (f"n/a ({t['reason']})" if t["verdict"] == "n/a" else
+                             f"qbert W8A8 {t['qbert']:.3g}x vs ORT int8 {t['ort']:.3g}x (target: no worse): "
+                             f"**{t['verdict']}**"))
+    return "\n".join(lines) + "\n"
+
+
 def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAULT_THREADS,
         progress: bool = True) -> H.BenchOutput:
     thread_counts = [threads] if smoke else sorted({1, threads})
@@ -158,10 +187,14 @@ def run(smoke: bool = False, out_dir: Path | None = None, threads: int = H.DEFAU
                                                      "wait policy": policy_name, "load": name}, ORT,
                                                     status=H.STATUS_UNSUPPORTED,
                                                     reason="; ".join(missing) or "not installed"))
+    targets = evaluate_targets(results, max(thread_counts))
     meta = H.environment(torch.device("cpu"), threads, SUITE, smoke=smoke, thread_counts=thread_counts,
-                         busy_processes=BUSY_PROCESSES, policies=POLICIES, ort=peers.describe(threads))
+                         busy_processes=BUSY_PROCESSES, policies=POLICIES, ort=peers.describe(threads),
+                         targets=targets)
     out_dir = Path(out_dir) if out_dir is not None else (H.SMOKE_RESULTS_DIR if smoke else H.DEFAULT_RESULTS_DIR)
     paths = H.write_reports(results, meta, out_dir, torch.device("cpu"), time_unit="ms")
+    with paths["md"].open("a") as f:
+        f.write(targets_markdown(targets))
     return H.BenchOutput(results, meta, paths, paths["md"].read_text())
 
 

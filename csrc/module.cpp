@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 
 #ifndef QBERT_WITH_CUDA
 #define QBERT_WITH_CUDA 0
@@ -56,4 +57,7 @@ PYBIND11_MODULE(_C, m) {
     qbert::cpu::force_isa(isa);
   }, pybind11::arg("name"),
         "force the cpu backend onto one instruction set (for tests and benchmarks); 'auto' restores the best");
+  m.def("set_serial_torch", &qbert::cpu::set_serial_torch, pybind11::arg("on"),
+        "on this thread: torch's own ops serial (true) while qbert's kernels keep torch's thread count, or "
+        "back to normal (false); returns the previous setting (cpu/parallel.h)");
 }

@@ -21,7 +21,6 @@
 // per ISA (target attributes on always-inlined bodies) and picked by active_isa(). Contraction into FMAs
 // is off in this file, and the partial sums have the same order on every ISA, so every ISA gives the same
 // bits (tests/ops/test_add_layernorm_quantize.py checks).
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -34,6 +33,7 @@
 #include "common/checks.h"
 #include "cpu/isa.h"
 #include "cpu/token_quant.h"
+#include "cpu/parallel.h"
 
 // Everything below rounds each product and sum on its own (GCC's default is -ffp-contract=fast).
 #pragma GCC push_options
@@ -276,7 +276,7 @@ template <class T>
 void run(const Args& a, int64_t M) {
   const RowsFn<T> fn = rows_fn<T>(active_isa());
   const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / a.K);
-  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
     std::vector<float> scratch(2 * a.K);  // h and tmp, [K] each: one pair per task, reused for its rows
     fn(a, m0, m1, scratch.data(), scratch.data() + a.K);
   });

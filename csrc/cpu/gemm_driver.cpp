@@ -4,7 +4,7 @@
 // panel once into a thread-local buffer (kNr * K bytes: 36 KiB at K = 768 on AVX-512, kept between
 // calls so it is allocated once per thread and K) and sweeps its M chunk with the
 // micro-kernel, applying the epilogue to each kMr x kNr tile as it finishes. Tasks are numbered panel
-// by panel, so at::parallel_for's contiguous split hands each thread whole panels and B is packed once
+// by panel, so parallel_for's contiguous split (cpu/parallel.h) hands each thread whole panels and B is packed once
 // per call overall. M is chunked only when the panels alone cannot keep every thread busy.
 //
 // Large outputs: an f32 output of at least kStreamOutBytes (BERT at batch 8: the FFN1 output is
@@ -21,8 +21,8 @@
 // panel p + 1 (AVX-512 path; avx512::Prefetch), so the pack never waits on DRAM.
 #include "cpu/gemm_driver.h"
 
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -31,6 +31,7 @@
 
 #include "cpu/gemm_avx2.h"
 #include "cpu/gemm_avx512.h"
+#include "cpu/parallel.h"
 
 namespace qbert::cpu {
 namespace {
@@ -134,7 +135,7 @@ void run_packed(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t 
   const bool copy_a = !kSameElem || lda != K;
   std::vector<AElem> a_copy(copy_a ? M * lda : 0);
   if (copy_a) {
-    at::parallel_for(0, M, std::max<int64_t>(1, kMinPrepElemsPerTask / K), [&](int64_t m0, int64_t m1) {
+    parallel_for(0, M, std::max<int64_t>(1, kMinPrepElemsPerTask / K), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) prepare_a_row(a + m * K, K, lda, a_copy.data() + m * lda);
     });
   }
@@ -147,14 +148,14 @@ void run_packed(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t 
     epi.stream = true;
 
   const int64_t n_panels = ceil_div(N, P::kNr), m_tiles = ceil_div(M, P::kMr);
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = num_threads();
   int64_t m_chunks = 1;
   if (n_panels % threads != 0 && n_panels < kPanelsPerThreadBalanced * threads)
     m_chunks = std::min(m_tiles, ceil_div(kPanelsPerThreadBalanced * threads, n_panels));
   const int64_t tiles_per_chunk = ceil_div(m_tiles, m_chunks);
   m_chunks = ceil_div(m_tiles, tiles_per_chunk);
 
-  at::parallel_for(0, n_panels * m_chunks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, n_panels * m_chunks, 1, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<BElem> panel;
     panel.resize(std::max<size_t>(panel.size(), P::panel_elems(K)));
     // Each thread computes the VNNI corrections of the rows it meets itself: that scan of A costs
@@ -213,7 +214,7 @@ void run_dot_avx512(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int6
   for (int64_t m = 0; m < M; ++m) corr[m] = avx512::row_corr(a + m * K, K);
   epi.corr = corr.data();
   constexpr int kCols = avx512::kNr;
-  at::parallel_for(0, ceil_div(N, kCols), 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, ceil_div(N, kCols), 1, [&](int64_t c0, int64_t c1) {
     alignas(64) int32_t tile[avx512::kDotMaxRows * kCols];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * kCols;
@@ -259,7 +260,7 @@ void epilogue_row_scalar(const Epilogue& e, const int32_t* acc, int64_t m, int64
 
 void run_scalar(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, const Epilogue& epi) {
   constexpr int kCols = avx512::kNr;  // any tile width works; this keeps one row of results in L1
-  at::parallel_for(0, M, std::max<int64_t>(1, kMinPrepElemsPerTask / (N * K) ), [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, std::max<int64_t>(1, kMinPrepElemsPerTask / (N * K) ), [&](int64_t m0, int64_t m1) {
     int32_t tile[kCols];
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t n0 = 0; n0 < N; n0 += kCols) {

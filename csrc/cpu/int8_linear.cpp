@@ -6,6 +6,7 @@
 // memory); on the other ISAs torch's GELU runs on the finished y (the reference's bits).
 #include "common/checks.h"
 #include "cpu/gemm_driver.h"
+#include "cpu/parallel.h"
 
 namespace qbert::cpu {
 namespace {
@@ -85,7 +86,9 @@ at::Tensor int8_linear_gelu_cpu(const at::Tensor& x_q, const at::Tensor& x_scale
   constexpr const char* op = "int8_linear_gelu_cpu";
   const Isa isa = active_isa();
   if (isa == Isa::kAvx512Vnni) return linear(op, x_q, x_scale, w_q, w_scale, bias, at::kFloat, isa, /*gelu=*/true);
-  return at::gelu(linear(op, x_q, x_scale, w_q, w_scale, bias, at::kFloat, isa, /*gelu=*/false));
+  const at::Tensor out = linear(op, x_q, x_scale, w_q, w_scale, bias, at::kFloat, isa, /*gelu=*/false);
+  const TorchThreads threads;
+  return at::gelu(out);
 }
 
 TORCH_LIBRARY_FRAGMENT(qbert, m) {

@@ -2,7 +2,7 @@
 // codes. Spec: qbert/ops/lowbit_linear.py::lowbit_linear_reference; layout: qbert/quant/packing.py.
 //
 // Two paths, chosen by M (kDirectMaxM). Both split the work over blocks of output columns
-// (at::parallel_for hands each thread a contiguous run of blocks).
+// (parallel_for, cpu/parallel.h, hands each thread a contiguous run of blocks).
 //
 // Direct path (small M): no float weight is ever stored. For each chunk of 32 k, one vector load gives
 // the words of 16 (AVX-512) columns; shift and mask in registers give their codes, an OR into 2^23's
@@ -23,7 +23,6 @@
 // Float order: FMAs along k in stretches of 32 (kSumK), then + bias, then the cast. PyTorch's matmul
 // sums in another order, so the contract is the tests' float tier (error vs float64 at most 2x
 // PyTorch's), not bit equality.
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -32,6 +31,7 @@
 #include "cpu/isa.h"
 #include "cpu/lowbit_args.h"
 #include "cpu/lowbit_unpack.h"
+#include "cpu/parallel.h"
 
 namespace qbert::cpu {
 namespace {
@@ -311,7 +311,7 @@ struct Scalar {  // baseline x86-64 (SSE2): the path for any CPU
 template <int BITS, class P>
 void run_direct(const Problem& p) {
   constexpr int kCols = P::kDirectVecs * P::DirectVec::kLanes;
-  at::parallel_for(0, ceil_div(p.N, kCols), 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, ceil_div(p.N, kCols), 1, [&](int64_t b0, int64_t b1) {
     alignas(64) float y[kDirectMaxM * kCols];  // the block's outputs [M][kCols]
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kCols;
@@ -329,7 +329,7 @@ void run_direct(const Problem& p) {
 
 template <int BITS, class P>
 void run_panels(const Problem& p) {
-  at::parallel_for(0, ceil_div(p.N, kNb), 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, ceil_div(p.N, kNb), 1, [&](int64_t b0, int64_t b1) {
     // Zeroed once so that the columns a ragged block leaves unwritten (past its nb) hold finite values;
     // they are computed on, and discarded.
     alignas(64) float panel[kPanelK * kNb] = {};

@@ -4,7 +4,6 @@
 //   a row holding a NaN or an infinity: scale NaN, codes 0 (token_quant.h: its amax is an integer max).
 // The quotient is a true division, not x * (1 / scale): the reciprocal rounds once more and flips
 // codes that sit near a .5 boundary. Rows are independent, so the parallel split is over rows.
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -14,6 +13,7 @@
 #include "common/checks.h"
 #include "cpu/isa.h"
 #include "cpu/token_quant.h"
+#include "cpu/parallel.h"
 
 namespace qbert::cpu {
 namespace {
@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / K);
-  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) sp[m] = fn(xp + m * row_bytes, K, in, qp + m * K);
   });
   return {q, scale};

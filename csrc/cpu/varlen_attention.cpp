@@ -14,7 +14,6 @@
 // Without AVX-512 (or with d not a multiple of 16) each sequence is one call of torch's
 // scaled_dot_product_attention, which is the reference itself.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -25,6 +24,7 @@
 #include "common/checks.h"
 #include "cpu/isa.h"
 #include "cpu/ops.h"
+#include "cpu/parallel.h"
 
 namespace qbert::cpu {
 namespace {
@@ -221,7 +221,7 @@ struct Task {
 void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                 const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths, int64_t heads, double scaling) {
   const int64_t width = q.size(1), d = width / heads;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = num_threads();
   int64_t pairs = 0;
   for (const int64_t len : lengths) pairs += len > 0 ? heads : 0;
   if (pairs == 0) return;  // every sequence is empty: out has no rows
@@ -244,7 +244,7 @@ void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t parts = std::min<int64_t>(threads, static_cast<int64_t>(tasks.size()));
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+  parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<float> kt, s;
     // Part p takes the tasks whose cost prefix falls in [p, p + 1) / parts of the total.
     const auto first = [&](int64_t p) {
@@ -262,6 +262,7 @@ void run_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
 void run_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
               const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths, int64_t heads, double scaling) {
   const int64_t d = q.size(1) / heads;
+  const TorchThreads threads;
   for (size_t b = 0; b < lengths.size(); ++b) {
     if (lengths[b] == 0) continue;
     const auto heads_view = [&](const at::Tensor& t) {

@@ -12,7 +12,6 @@
 // tile in the reference's order, each step rounded on its own:
 //     y = 0;  y = y + float(acc_g) * scale[g, n]   for g = 0, 1, ...;   out = y * x_scale[m] + bias[n]
 // so the float32 result equals the reference's bit for bit. Work is split over panels of columns.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <tuple>
@@ -24,6 +23,7 @@
 #include "cpu/lowbit_args.h"
 #include "cpu/lowbit_unpack.h"
 #include "cpu/ops.h"
+#include "cpu/parallel.h"
 
 namespace qbert::cpu {
 
@@ -227,7 +227,7 @@ constexpr int64_t kMinCorrElemsPerTask = 16384;
 
 template <class P>
 void compute_corr(const Problem& p, int32_t* corr) {
-  at::parallel_for(0, p.M, std::max<int64_t>(1, kMinCorrElemsPerTask / p.K), [&](int64_t m0, int64_t m1) {
+  parallel_for(0, p.M, std::max<int64_t>(1, kMinCorrElemsPerTask / p.K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t g = 0; g < p.groups; ++g) {
         const int64_t k0 = g * p.group_size, k1 = std::min(p.K, k0 + p.group_size);
@@ -239,7 +239,7 @@ void compute_corr(const Problem& p, int32_t* corr) {
 template <int BITS, class P>
 void run(const Problem& p) {
   const int64_t chunks = lowbit::chunks(p.K);
-  at::parallel_for(0, ceil_div(p.N, P::kNr), 1, [&](int64_t p0, int64_t p1) {
+  parallel_for(0, ceil_div(p.N, P::kNr), 1, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<uint32_t> panel;  // [chunks * 8 quads][kNr]: kept between calls
     panel.resize(std::max<size_t>(panel.size(), chunks * kQuadsPerChunk * P::kNr));
     alignas(64) int32_t acc[P::kMr * P::kNr];

@@ -28,6 +28,7 @@
 
 #include "common/checks.h"
 #include "cpu/ops.h"
+#include "cpu/parallel.h"
 
 namespace qbert::cpu {
 namespace {
@@ -125,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w8a8_encoder_layer_cpu(
     };
     const at::Tensor q = heads_view(project(kQueryW)), k = heads_view(project(kKeyW)),
                      v = heads_view(project(kValueW));
+    const TorchThreads threads;
     context = at::scaled_dot_product_attention(q, k, v, attention_mask, /*dropout_p=*/0.0, /*is_causal=*/false,
                                                scaling);
     context = context.transpose(1, 2).contiguous().view({batch * seq, -1});

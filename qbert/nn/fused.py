@@ -48,13 +48,16 @@ itself fused gets its hidden states padded and unpadded around it.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qbert import ops
+from qbert import _ext, ops
 from qbert.models import family_of
 from qbert.nn import unpad
 from qbert.nn.qlinear import QLinear
@@ -226,6 +229,72 @@ class FusedLayer:
         return y.view(shape), y_q.view(shape), y_scale.view(shape[:-1])
 
 
+@contextmanager
+def serial_torch(on: bool) -> Iterator[None]:
+    """Within the block, on this thread: torch's own ops serial (``on``), qbert's kernels on qbert's pool
+    at the thread count torch had, or (not ``on``) torch's ops at that count again; restored after it.
+
+    Why: torch's ops run on GNU OpenMP, whose workers spin for milliseconds after each parallel region;
+    between qbert's kernels (their own pool, ``csrc/cpu/parallel.h``) a spinning OpenMP worker takes a core
+    from them. Where every layer is one qbert call, torch's remaining ops (embeddings, masks, pooler) are
+    small, and serial they wake no OpenMP worker. Without the compiled extension there is nothing to do."""
+    if _ext.load_error():
+        yield
+        return
+    previous = _ext.module().set_serial_torch(on)
+    try:
+        yield
+    finally:
+        _ext.module().set_serial_torch(previous)
+
+
+_serial_state = threading.local()  # .stack: the settings the pre-hooks below replaced, innermost last
+
+
+def _serial_eligible(owner: nn.Module) -> bool:
+    """Whether the forward of ``owner`` (the module holding a fused encoder) runs torch serially: eval, CPU,
+    float32, not compiling or tracing, and every layer of its fused encoders one qbert call."""
+    encoders = [m for m in owner.children() if isinstance(m, FusedEncoder)]
+    if owner.training or not encoders or torch.jit.is_tracing():
+        return False
+    for encoder in encoders:
+        if encoder.config._attn_implementation != SDPA:
+            return False
+        for layer in encoder.layer:
+            if not (isinstance(layer, FusedLayer) and layer.qbert_pieces.one_call):
+                return False
+            norm = layer.output.LayerNorm.weight
+            if norm.device.type != "cpu" or norm.dtype != torch.float32:
+                return False
+    return True
+
+
+def _serial_torch_enter(owner: nn.Module, args) -> None:
+    """Forward pre-hook of a fused encoder's owner (the embeddings, masks and pooler run around the
+    encoder): turns serial torch on for its forward when ``_serial_eligible``."""
+    if torch.compiler.is_compiling():
+        return
+    stack = _serial_state.__dict__.setdefault("stack", [])
+    stack.append(None)  # popped by the forward hook even if what follows raises
+    if _serial_eligible(owner) and not _ext.load_error():
+        stack[-1] = _ext.module().set_serial_torch(True)
+
+
+def _serial_torch_exit(owner: nn.Module, args, output) -> None:
+    """Forward hook (always called, also when the forward raises): restores what the pre-hook replaced."""
+    if torch.compiler.is_compiling():
+        return
+    previous = _serial_state.stack.pop()
+    if previous is not None:
+        _ext.module().set_serial_torch(previous)
+
+
+def _hook_serial_torch(owner: nn.Module) -> None:
+    if _serial_torch_enter not in owner._forward_pre_hooks.values():
+        owner.register_forward_pre_hook(_serial_torch_enter)
+        owner.register_forward_hook(_serial_torch_exit, always_call=True)
+
+
 class FusedEncoder:
     """Mixed into the family's ``*Encoder``: runs the layers, handing each fused layer's output codes to
     the next layer; a padded batch runs on its real tokens (``unpad.plan``), unpadded once before the
@@ -234,6 +303,16 @@ class FusedEncoder:
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states=None, encoder_attention_mask=None, cache=None, use_cache=None,
                 **kwargs):
+        args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache, use_cache)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._forward(*args, **kwargs)
+        one_call = encoder_hidden_states is None and cache is None and all(
+            isinstance(layer, FusedLayer) and layer._in_one_call(hidden_states, kwargs) for layer in self.layer)
+        with serial_torch(one_call):
+            return self._forward(*args, **kwargs)
+
+    def _forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache,
+                 use_cache, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
         unpadded = unpad.plan(hidden_states, attention_mask, self.config._attn_implementation)
@@ -312,4 +391,6 @@ def fuse(model: nn.Module) -> tuple[str, ...]:
             fused.extend(layer.qbert_pieces.names(layer_name))
         if layers:
             _refine(encoder, FusedEncoder)
+            if name:
+                _hook_serial_torch(model.get_submodule(name.rpartition(".")[0]))
     return tuple(fused)

@@ -24,6 +24,21 @@ def test_smoke_contention(tmp_path):
     for r in ok:
         key = (tuple((k, v) for k, v in r.case.items() if k != "load"), r.impl)
         assert r.metrics["slowdown"] == pytest.approx(r.time_us / idle[key], rel=1e-3)
+    targets = data["meta"]["targets"]
+    assert {(t["model"], t["wait policy"]) for t in targets} == {(r.case["model"], r.case["wait policy"]) for r in ok}
+    assert "### Target" in output.markdown
+
+
+def _row(model: str, impl: str, load: str, slowdown: float) -> H.Result:
+    case = {"model": model, "batch": 1, "threads": 2, "wait policy": "default", "load": load}
+    return H.Result(case, impl, time_us=1.0, metrics={"slowdown": slowdown})
+
+
+def test_target_compares_the_busy_slowdowns():
+    results = [_row("a", C.QBERT, "idle", 1.0), _row("a", C.QBERT, "busy", 1.5), _row("a", C.ORT, "busy", 2.0),
+               _row("b", C.QBERT, "busy", 2.5), _row("b", C.ORT, "busy", 2.0), _row("c", C.QBERT, "busy", 1.0)]
+    verdicts = {t["model"]: t["verdict"] for t in C.evaluate_targets(results, threads=2)}
+    assert verdicts == {"a": "PASS", "b": "MISS", "c": "n/a"}
 
 
 def test_busy_load_starts_and_stops_its_processes(monkeypatch):
