@@ -36,9 +36,8 @@ def _cuda_decision() -> tuple[bool, str]:
 with_cuda, why_not = _cuda_decision()
 cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 cuda_sources = _sources("csrc/cuda/**/*.cu")
-# -fopenmp at compile time only: at::parallel_for's OpenMP regions then resolve to the OpenMP runtime
-# torch itself loaded, so torch.set_num_threads() governs qbert's kernels too.
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", f"-DQBERT_WITH_CUDA={int(with_cuda)}"]
+# qbert's CPU kernels run on qbert's own thread pool (csrc/cpu/parallel.h), sized by torch.set_num_threads().
+cxx_flags = ["-O3", "-std=c++17", f"-DQBERT_WITH_CUDA={int(with_cuda)}"]
 include_dirs = [str(ROOT / "csrc")]
 
 if with_cuda:

@@ -2,9 +2,10 @@
 //
 // Why: GNU OpenMP's waiting threads spin for milliseconds (at a barrier and after a parallel region) unless
 // OMP_WAIT_POLICY=PASSIVE was set before torch loaded; beside another busy process a spinning thread takes
-// the core from the thread that holds the work. This pool's waiting threads spin for a short bound
-// (kSpinNanos in parallel.cpp) and then sleep, so on idle cores back-to-back kernels find their workers
-// awake, and on shared cores a waiting thread gives the core up after microseconds.
+// the core from the thread that holds the work. This pool's waiting threads spin for a bound and then
+// sleep (kSpinIdle on an idle machine, so back-to-back kernels find their workers awake; kSpinShared when
+// more threads are runnable than cores, so a waiting thread gives a shared core up after microseconds;
+// parallel.cpp).
 //
 // parallel_for splits [begin, end) exactly as at::parallel_for does (the same number of contiguous chunks
 // of the same size; chunk i to thread i, the calling thread taking chunk 0), at torch.get_num_threads()

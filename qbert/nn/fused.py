@@ -33,7 +33,10 @@ not its bits, and sdpa itself on a masked padded batch, the same bits), when the
 float32, Hugging Face's sdpa attention, no keyword but ``position_ids`` for the attention, no cache or
 cross-attention, no output capture, and no forward hooks on the layer's sub-modules (hooks on the layer
 itself still run). Any other forward, and every forward on CUDA or under ``torch.compile`` / tracing,
-runs the layer op by op as above.
+runs the layer op by op as above. Where every layer of an encoder runs as one call, its forward and that
+of the module holding it (the embeddings, masks and pooler around it) run torch's own ops serially,
+qbert's kernels on qbert's thread pool at torch's thread count (``serial_torch``): no OpenMP worker then
+spins between qbert's kernels.
 
 Padded batches run unpadded (``qbert.nn.unpad``): the encoder gathers the real tokens' rows once, every
 layer runs its row-wise ops on those [T, H] rows, the self-attention scatters Q, K and V back to the
