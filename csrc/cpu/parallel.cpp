@@ -9,7 +9,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <limits>
 #include <condition_variable>
 #include <exception>
 #include <memory>
@@ -48,10 +47,11 @@ int64_t allowed_cores() {
 // Whether more threads are runnable on the machine than this process has cores (the running count of
 // /proc/loadavg, the reading thread included). Where it cannot be read: true, the safe answer.
 bool oversubscribed() {
-  static std::atomic<int64_t> checked_at{std::numeric_limits<int64_t>::min()};
+  static std::atomic<bool> checked{false};
+  static std::atomic<int64_t> checked_at{0};
   static std::atomic<bool> answer{true};
   const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
-  if (now - checked_at.load(std::memory_order_relaxed) < kLoadRecheck.count())
+  if (checked.load(std::memory_order_relaxed) && now - checked_at.load(std::memory_order_relaxed) < kLoadRecheck.count())
     return answer.load(std::memory_order_relaxed);
   bool over = true;
   if (FILE* f = std::fopen("/proc/loadavg", "r")) {
@@ -63,6 +63,7 @@ bool oversubscribed() {
   }
   answer.store(over, std::memory_order_relaxed);
   checked_at.store(now, std::memory_order_relaxed);
+  checked.store(true, std::memory_order_relaxed);
   return over;
 }
 
