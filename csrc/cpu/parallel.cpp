@@ -24,7 +24,7 @@ namespace {
 // work comes; a spinning one holds its core. While the machine has no more runnable threads than this
 // process has cores, a thread spins up to kSpinIdle: that covers the gaps between the kernels of an encoder
 // forward (microseconds inside a layer; the Python between layers and torch's serial ops around the encoder
-// take longer: a 50 us bound here measured ~20% slower on all-MiniLM-L6-v2 real-text batches). Beside
+// take longer: a 50 us bound here measured slower on all-MiniLM-L6-v2 real-text batches). Beside
 // other busy threads it sleeps after kSpinShared: then a core it holds is taken from a thread with work (a
 // 500 us bound there measured ~1.8x slower than 50 us on BERT-base beside one busy process), and a core it
 // leaves lets the scheduler move that work there.
