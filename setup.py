@@ -36,8 +36,9 @@ def _cuda_decision() -> tuple[bool, str]:
 with_cuda, why_not = _cuda_decision()
 cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 cuda_sources = _sources("csrc/cuda/**/*.cu")
-# qbert's CPU kernels run on qbert's own thread pool (csrc/cpu/parallel.h), sized by torch.set_num_threads().
-cxx_flags = ["-O3", "-std=c++17", f"-DQBERT_WITH_CUDA={int(with_cuda)}"]
+# -fopenmp at compile time only: outside a one-call encoder qbert's kernels split over at::parallel_for, whose
+# OpenMP regions resolve to the runtime torch loaded (csrc/cpu/parallel.h); torch.set_num_threads() governs.
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", f"-DQBERT_WITH_CUDA={int(with_cuda)}"]
 include_dirs = [str(ROOT / "csrc")]
 
 if with_cuda:

@@ -217,6 +217,14 @@ int64_t split_threads() { return at::in_parallel_region() ? 1 : num_threads(); }
 
 void run_chunks(int64_t begin, int64_t end, int64_t chunk_size, int64_t num_chunks, ChunkFn fn, const void* ctx) {
   const Job job{fn, ctx, begin, end, chunk_size};
+  if (t_serial_torch_threads == 0) {
+    // Torch's own ops run on OpenMP around this call (an op-by-op forward): its workers are awake and
+    // spinning, and a second pool beside them would compete for the cores. One chunk to each.
+    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) job.run(c);
+    });
+    return;
+  }
   if (pool().try_run(job, num_chunks)) return;
   for (int64_t i = 0; i < num_chunks; ++i) job.run(i);  // the pool is busy with another thread's call
 }

@@ -1,4 +1,6 @@
-// qbert's CPU kernels split their work over qbert's own thread pool, not over torch's OpenMP team.
+// qbert's CPU kernels split their work over qbert's own thread pool while this thread runs torch serially
+// (set_serial_torch below: a one-call encoder's forward), else over torch's OpenMP team (at::parallel_for),
+// whose workers torch's own ops between the kernels keep awake.
 //
 // Why: GNU OpenMP's waiting threads spin for milliseconds (at a barrier and after a parallel region) unless
 // OMP_WAIT_POLICY=PASSIVE was set before torch loaded; beside another busy process a spinning thread takes

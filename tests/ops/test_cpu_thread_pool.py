@@ -39,17 +39,24 @@ def _operands(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def restore_threads():
     threads = torch.get_num_threads()
     yield
+    _ext.module().set_serial_torch(False)
     torch.set_num_threads(threads)
+
+
+def _pool(threads: int) -> None:
+    """Kernels on this thread run on qbert's pool at ``threads`` threads (torch's ops serial)."""
+    torch.set_num_threads(threads)
+    _ext.module().set_serial_torch(True)
 
 
 def test_concurrent_callers_each_get_the_reference(restore_threads):
     # One caller holds the pool at a time; the others run the same chunks themselves. All exact.
-    torch.set_num_threads(2)
     cases = [_operands(seed) for seed in range(CALLERS)]
     expected = [int8_gemm_reference(a, b) for a, b in cases]
     failures: list[str] = []
 
     def caller(i: int) -> None:
+        _pool(2)  # the setting is per thread
         a, b = cases[i]
         for _ in range(CALLS_PER_CALLER):
             if not torch.equal(torch.ops.qbert.int8_gemm_cpu(a, b), expected[i]):
@@ -65,7 +72,7 @@ def test_concurrent_callers_each_get_the_reference(restore_threads):
 
 def test_more_threads_than_cores(restore_threads):
     a, b = _operands(seed=7)
-    torch.set_num_threads(2 * (os.cpu_count() or 1) + 1)
+    _pool(2 * (os.cpu_count() or 1) + 1)
     torch.testing.assert_close(torch.ops.qbert.int8_gemm_cpu(a, b), int8_gemm_reference(a, b), rtol=0, atol=0)
 
 
@@ -77,8 +84,8 @@ def _gemm_in_child(a: torch.Tensor, b: torch.Tensor):
 
 def test_forked_child_runs_kernels(restore_threads):
     # The parent's workers do not exist in a forked child: the child makes its own pool.
-    torch.set_num_threads(2)
     a, b = _operands(seed=3)
+    _pool(2)
     expected = torch.ops.qbert.int8_gemm_cpu(a, b)  # the parent's pool has its workers now
     with multiprocessing.get_context("fork").Pool(1) as pool:
         got = pool.apply_async(_gemm_in_child, (a, b)).get(timeout=FORK_TIMEOUT_S)
@@ -87,8 +94,8 @@ def test_forked_child_runs_kernels(restore_threads):
 
 
 def test_idle_workers_sleep(restore_threads):
-    torch.set_num_threads(2)
     a, b = _operands(seed=11)
+    _pool(2)
     torch.ops.qbert.int8_gemm_cpu(a, b)  # the pool's workers exist from here
     time.sleep(SETTLE_S)
     torch.ops.qbert.int8_gemm_cpu(a, b)
