@@ -76,6 +76,10 @@ def assert_error_within(out: torch.Tensor, truth: torch.Tensor, baseline: torch.
     assert out_err <= factor * base_err + floor, f"error {out_err:.3g} > {factor} x baseline {base_err:.3g}"
 
 
+# The cpu ISAs whose kernels include the AVX-512 ones (qbert's own GELU epilogue, attention kernel).
+AVX512_ISAS = ("avx512_vnni", "amx_int8")
+
+
 @contextlib.contextmanager
 def forced_cpu_isa(name: str) -> Iterator[str]:
     """The cpu kernels forced onto instruction set ``name`` inside the block (the test skips when this CPU

@@ -264,6 +264,7 @@ using RowsFn = void (*)(const Args&, int64_t, int64_t, float*, float*);
 template <class T>
 RowsFn<T> rows_fn(Isa isa) {
   switch (isa) {
+    case Isa::kAmxInt8:  // no matrix product here: the AVX-512 body
     case Isa::kAvx512Vnni: return rows_avx512<T>;
     case Isa::kAvxVnni:  // VNNI adds nothing here: the AVX2 body is the AVX-VNNI one
     case Isa::kAvx2: return rows_avx2<T>;

@@ -79,16 +79,21 @@ QBERT_AVX512 inline void transpose16x16(__m512i r[kLanes]) {
   }
 }
 
-// Packs columns [n0, n0 + nr) of b [N, K] (nr <= kNr) into dst [k_groups(K)][kNr][4], flipped to u8.
-// Columns past nr and k past K are u8 zero, so they add nothing whatever A holds there.
+// Packs columns [n0, n0 + nr) of b [N, K] (nr <= NR) into dst [k_groups(K)][NR][4], flipped to u8 (FLIP)
+// or kept s8. Columns past nr and k past K are zero (u8 zero when flipped), so they add nothing whatever
+// the other operand holds there. NR = kNr, FLIP: the VNNI panel; NR = 16, unflipped: one AMX tile column
+// of activations (gemm_amx.h).
+template <int NR = kNr, bool FLIP = true>
 QBERT_AVX512 inline void pack_b_panel(const int8_t* b, int64_t K, int64_t n0, int nr, uint8_t* dst) {
+  static_assert(NR % kLanes == 0, "a panel is whole vectors of 16 columns");
+  constexpr int kVecs = NR / kLanes;
   const int64_t groups = k_groups(K);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kSignFlip));
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(FLIP ? kSignFlip : 0));
   for (int64_t k0 = 0; k0 < K; k0 += kBytesPerVec) {
     const __mmask64 km = byte_mask(K - k0);
     const int64_t g0 = k0 / kKGroup;
     const int64_t ng = groups - g0 < kGroupsPerVec ? groups - g0 : kGroupsPerVec;
-    for (int v = 0; v < kVecsPerPanel; ++v) {
+    for (int v = 0; v < kVecs; ++v) {
       __m512i r[kLanes];
       for (int i = 0; i < kLanes; ++i) {
         const int col = v * kLanes + i;
@@ -98,7 +103,7 @@ QBERT_AVX512 inline void pack_b_panel(const int8_t* b, int64_t K, int64_t n0, in
       }
       transpose16x16(r);
       for (int64_t g = 0; g < ng; ++g)
-        _mm512_storeu_si512(dst + ((g0 + g) * kNr + v * kLanes) * kKGroup, r[g]);
+        _mm512_storeu_si512(dst + ((g0 + g) * NR + v * kLanes) * kKGroup, r[g]);
     }
   }
 }

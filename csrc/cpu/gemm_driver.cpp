@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/gemm_amx.h"
 #include "cpu/gemm_avx2.h"
 #include "cpu/gemm_avx512.h"
 #include "cpu/parallel.h"
@@ -228,6 +229,67 @@ void run_dot_avx512(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int6
   });
 }
 
+// ---- AMX: tiles of b straight from b, a packed once a call (gemm_amx.h) --------------------------------
+// The rows of a go in chunks of at most kAmxChunkBytes of packed a (so a chunk stays in L2 while every
+// block of b sweeps it), chunk by chunk: a thread's run of tasks is consecutive blocks of b over one chunk.
+constexpr int64_t kAmxChunkBytes = int64_t{1} << 20;
+
+template <int NT>
+void amx_blocks_of(const int8_t* b, int64_t K, const uint8_t* ap, int64_t M, int64_t mt0, int64_t mt1,
+                   const Epilogue& e, int64_t n0, int32_t* acc, int32_t* rows) {
+  using namespace amx;
+  for (int64_t mt = mt0; mt < mt1; mt += kBlockTiles) {
+    const uint8_t* at = ap + mt * a_tile_bytes(K);
+    const int64_t m0 = mt * kTileRows;
+    const int mt_here = mt + 1 < mt1 ? kBlockTiles : 1;
+    if (mt_here == kBlockTiles)
+      block<NT, kBlockTiles>(b, K, at, acc);
+    else
+      block<NT, 1>(b, K, at, acc);
+    finish_block(acc, NT, mt_here, static_cast<int>(std::min<int64_t>(mt_here * kTileRows, M - m0)), e, m0, n0, rows);
+  }
+}
+
+void run_amx(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, const Epilogue& epi) {
+  using namespace amx;
+  const int64_t a_tiles = ceil_div(M, kTileRows);
+  thread_local std::vector<uint8_t> packed;  // the calling thread's, kept between calls
+  packed.resize(std::max<size_t>(packed.size(), a_tiles * a_tile_bytes(K)));
+  uint8_t* ap = packed.data();
+  parallel_for(0, a_tiles, std::max<int64_t>(1, kMinPrepElemsPerTask / a_tile_bytes(K)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      pack_a_tile(a, K, t * kTileRows, static_cast<int>(std::min<int64_t>(kTileRows, M - t * kTileRows)),
+                  ap + t * a_tile_bytes(K));
+  });
+
+  const int64_t n_blocks = ceil_div(N, kBlock), m_blocks = ceil_div(a_tiles, kBlockTiles);
+  int64_t blocks_per_chunk = std::max<int64_t>(1, kAmxChunkBytes / (kBlockTiles * a_tile_bytes(K)));
+  int64_t m_chunks = ceil_div(m_blocks, blocks_per_chunk);
+  const int64_t threads = num_threads();
+  if (n_blocks * m_chunks < kPanelsPerThreadBalanced * threads) {
+    m_chunks = std::min(m_blocks, ceil_div(kPanelsPerThreadBalanced * threads, n_blocks));
+    blocks_per_chunk = ceil_div(m_blocks, m_chunks);
+    m_chunks = ceil_div(m_blocks, blocks_per_chunk);
+  }
+  const int64_t tiles_per_chunk = blocks_per_chunk * kBlockTiles;
+
+  parallel_for(0, m_chunks * n_blocks, 1, [&](int64_t t0, int64_t t1) {
+    configure();
+    alignas(64) int32_t acc[kBlockTiles * kBlockTiles * kTileElems];
+    alignas(64) int32_t rows[kBlock * kBlock];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t chunk = t / n_blocks, nb = t % n_blocks;
+      const int64_t n0 = nb * kBlock;
+      const int64_t mt0 = chunk * tiles_per_chunk, mt1 = std::min(a_tiles, mt0 + tiles_per_chunk);
+      if (N - n0 >= kBlock)
+        amx_blocks_of<kBlockTiles>(b + n0 * K, K, ap, M, mt0, mt1, epi, n0, acc, rows);
+      else
+        amx_blocks_of<1>(b + n0 * K, K, ap, M, mt0, mt1, epi, n0, acc, rows);
+    }
+    release();
+  });
+}
+
 // ---- scalar: the portable reference path (baseline x86-64 has no FMA, so nothing can contract) ----
 float load_bias_scalar(const Epilogue& e, int64_t n) {
   switch (e.bias_kind) {
@@ -281,10 +343,13 @@ void run_scalar(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t 
 
 void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi, Isa isa) {
   // Only the AVX-512 epilogues apply a GELU; the other paths would silently leave it out.
-  TORCH_CHECK(!epi.gelu || isa == Isa::kAvx512Vnni, "int8_gemm_fused: a GELU epilogue needs the AVX-512 kernels, got ",
+  TORCH_CHECK(!epi.gelu || has_avx512(isa), "int8_gemm_fused: a GELU epilogue needs the AVX-512 kernels, got ",
               isa_name(isa));
   if (M == 0 || N == 0) return;
   switch (isa) {
+    case Isa::kAmxInt8:
+      if (M >= kSmallM && amx::fits(N, K)) return run_amx(a, b, M, N, K, epi);
+      [[fallthrough]];  // other shapes: the AVX-512 kernels, exact as well (gemm_amx.h)
     case Isa::kAvx512Vnni:
       if (M < kSmallM) return run_dot_avx512(a, b, M, N, K, epi);
       return run_packed<Avx512Policy>(a, b, M, N, K, epi);

@@ -85,7 +85,7 @@ at::Tensor int8_linear_gelu_cpu(const at::Tensor& x_q, const at::Tensor& x_scale
                                 const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "int8_linear_gelu_cpu";
   const Isa isa = active_isa();
-  if (isa == Isa::kAvx512Vnni) return linear(op, x_q, x_scale, w_q, w_scale, bias, at::kFloat, isa, /*gelu=*/true);
+  if (has_avx512(isa)) return linear(op, x_q, x_scale, w_q, w_scale, bias, at::kFloat, isa, /*gelu=*/true);
   const at::Tensor out = linear(op, x_q, x_scale, w_q, w_scale, bias, at::kFloat, isa, /*gelu=*/false);
   const TorchThreads threads;
   return at::gelu(out);

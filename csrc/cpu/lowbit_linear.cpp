@@ -372,6 +372,7 @@ at::Tensor lowbit_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, co
   dispatch_bits<LowbitBits>(static_cast<int>(bits), [&](auto b) {
     constexpr int BITS = decltype(b)::value;
     switch (isa) {
+      case Isa::kAmxInt8:  // the low-bit kernels have no tile path: AMX runs their AVX-512 one
       case Isa::kAvx512Vnni: return run<BITS, Avx512>(p);
       case Isa::kAvxVnni:
       case Isa::kAvx2: return run<BITS, Avx2>(p);

@@ -182,6 +182,7 @@ using RowFn = float (*)(const void*, int64_t, In, int8_t*);
 
 RowFn row_fn(Isa isa) {
   switch (isa) {
+    case Isa::kAmxInt8:  // no matrix product here: the AVX-512 body
     case Isa::kAvx512Vnni: return row_avx512;
     case Isa::kAvxVnni:  // VNNI adds nothing to quantization: the AVX2 path is the AVX-VNNI one
     case Isa::kAvx2: return row_avx2;

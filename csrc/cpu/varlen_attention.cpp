@@ -300,7 +300,7 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   QBERT_CHECK(total == q.size(0), op, "lengths must sum to the rows of q (", q.size(0), "), got ", total);
   at::Tensor out = at::empty_like(q);
   const int64_t d = q.size(1) / heads;
-  if (active_isa() == Isa::kAvx512Vnni && d % kLanes == 0)
+  if (has_avx512(active_isa()) && d % kLanes == 0)
     run_avx512(q, k, v, out, starts, len, heads, scaling);
   else
     run_sdpa(q, k, v, out, starts, len, heads, scaling);

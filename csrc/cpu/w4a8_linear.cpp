@@ -301,6 +301,7 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
             out.data_ptr<float>(), o.M, o.N, o.K, group_size, o.groups};
   int32_t* c = corr.data_ptr<int32_t>();
   switch (active_isa()) {
+    case Isa::kAmxInt8:  // W4A8 has no tile path: AMX runs its AVX-512 one
     case Isa::kAvx512Vnni: run_isa<Avx512>(op, static_cast<int>(bits), p, c); break;
     case Isa::kAvxVnni: run_isa<AvxVnni>(op, static_cast<int>(bits), p, c); break;
     case Isa::kAvx2: run_isa<Avx2>(op, static_cast<int>(bits), p, c); break;

@@ -1,5 +1,5 @@
-"""The cpu backend's C++ ops on every instruction set this CPU can run (AVX512-VNNI, AVX-VNNI, AVX2,
-scalar), each forced with qbert._C.set_cpu_isa, against the pure-PyTorch references.
+"""The cpu backend's C++ ops on every instruction set this CPU can run (AMX-INT8, AVX512-VNNI, AVX-VNNI,
+AVX2, scalar), each forced with qbert._C.set_cpu_isa, against the pure-PyTorch references.
 
 Tolerance tiers: exact for int8_gemm and quantize_per_token (integer results; the reference fixes the
 rounding rule); for int8_linear one unit in the last place of the output dtype, relative to the row's
@@ -20,7 +20,7 @@ from tests._backends import forced_cpu_isa
 
 pytestmark = pytest.mark.skipif(bool(_ext.load_error()), reason="; ".join(_ext.load_error()) or "loaded")
 
-ISAS = ("scalar", "avx2", "avx_vnni", "avx512_vnni")
+ISAS = ("scalar", "avx2", "avx_vnni", "avx512_vnni", "amx_int8")
 INT8_MIN = -128
 
 # Sizes just past a tile (the AVX-512 panel is 6 x 64, the 256-bit one 6 x 16, k-groups of 4 and 64)
@@ -28,7 +28,13 @@ INT8_MIN = -128
 ODD_SHAPES = [(1, 1, 1), (1, 257, 129), (7, 13, 257), (13, 7, 1), (7, 7, 7), (129, 257, 13), (257, 129, 7),
               (257, 1, 257), (129, 13, 129), (13, 129, 7)]
 BERT_SHAPES = [(128, 768, 768), (16, 3072, 768), (33, 768, 3072)]
-SHAPES = ODD_SHAPES + BERT_SHAPES
+# The AMX tile kernel's shapes (K a multiple of 64, N of 16; others go to the AVX-512 kernels): the fewest
+# rows it takes, half blocks of 16 columns and of 16 rows, and M past one chunk of packed rows at K = 3072.
+AMX_SHAPES = [(8, 16, 64), (17, 48, 64), (40, 80, 192), (100, 2304, 768), (400, 32, 3072)]
+SHAPES = ODD_SHAPES + BERT_SHAPES + AMX_SHAPES
+# The largest K the AMX kernel takes (a multiple of 64 within INT8_GEMM_MAX_K), at its smallest tile shape.
+AMX_MAX_K = INT8_GEMM_MAX_K // 64 * 64
+AMX_MIN_ROWS, AMX_TILE_COLS = 8, 16
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BIASES = (None, torch.float32, torch.float16, torch.bfloat16)
 
@@ -76,6 +82,16 @@ def test_int8_gemm_extreme_sums(isa, K):
     b = torch.full((3, K), INT8_MIN, dtype=torch.int8)
     b[1] = INT8_QMAX
     b[2, ::2] = INT8_QMAX
+    torch.testing.assert_close(torch.ops.qbert.int8_gemm_cpu(a, b), int8_gemm_reference(a, b), rtol=0, atol=0)
+
+
+def test_int8_gemm_extreme_sums_on_tiles(isa):
+    """The extreme sums at a shape the AMX kernel takes (the other ISAs run it too)."""
+    a = torch.full((AMX_MIN_ROWS, AMX_MAX_K), INT8_MIN, dtype=torch.int8)
+    b = torch.full((AMX_TILE_COLS, AMX_MAX_K), INT8_MIN, dtype=torch.int8)
+    b[1] = INT8_QMAX
+    b[2, ::2] = INT8_QMAX
+    a[1] = INT8_QMAX
     torch.testing.assert_close(torch.ops.qbert.int8_gemm_cpu(a, b), int8_gemm_reference(a, b), rtol=0, atol=0)
 
 
