@@ -50,6 +50,14 @@ inline void prefetch_lines(const int8_t* p, int64_t bytes) {
 constexpr int64_t kStreamOutBytes = int64_t{2} << 20;
 constexpr int64_t kStreamAlign = 64;  // _mm512_stream_ps needs 64-byte aligned addresses
 
+// Whether the f32 output of an [M, N] product goes out with non-temporal stores: large enough, and its
+// start and rows 64-byte aligned (the kernels stream whole vectors at multiples of 16 columns only).
+bool streams(const Epilogue& epi, int64_t M, int64_t N) {
+  return epi.out_kind == OutKind::kF32 && M * N * int64_t{sizeof(float)} >= kStreamOutBytes &&
+         reinterpret_cast<uintptr_t>(epi.out) % kStreamAlign == 0 &&
+         (epi.ldo * int64_t{sizeof(float)}) % kStreamAlign == 0;
+}
+
 // Below this many rows of A the AVX-512 path skips packing B (O(N K), as costly as the whole product
 // when M is tiny) and uses the row-major dot kernel instead.
 constexpr int64_t kSmallM = 8;
@@ -143,10 +151,7 @@ void run_packed(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t 
   const AElem* ap = copy_a ? a_copy.data() : reinterpret_cast<const AElem*>(a);
 
   // Full-width tiles start at column 48 p: 64-byte aligned whenever the output and its rows are.
-  if (P::kStream && epi.out_kind == OutKind::kF32 && M * N * int64_t{sizeof(float)} >= kStreamOutBytes &&
-      reinterpret_cast<uintptr_t>(epi.out) % kStreamAlign == 0 &&
-      (epi.ldo * int64_t{sizeof(float)}) % kStreamAlign == 0)
-    epi.stream = true;
+  if (P::kStream) epi.stream = streams(epi, M, N);
 
   const int64_t n_panels = ceil_div(N, P::kNr), m_tiles = ceil_div(M, P::kMr);
   const int64_t threads = num_threads();
@@ -250,8 +255,9 @@ void amx_blocks_of(const int8_t* b, int64_t K, const uint8_t* ap, int64_t M, int
   }
 }
 
-void run_amx(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, const Epilogue& epi) {
+void run_amx(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi) {
   using namespace amx;
+  epi.stream = streams(epi, M, N);
   const int64_t a_tiles = ceil_div(M, kTileRows);
   thread_local std::vector<uint8_t> packed;  // the calling thread's, kept between calls
   packed.resize(std::max<size_t>(packed.size(), a_tiles * a_tile_bytes(K)));
@@ -287,6 +293,7 @@ void run_amx(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, 
         amx_blocks_of<1>(b + n0 * K, K, ap, M, mt0, mt1, epi, n0, acc, rows);
     }
     release();
+    if (epi.stream) _mm_sfence();  // order the non-temporal stores before the join
   });
 }
 

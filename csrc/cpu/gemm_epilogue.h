@@ -30,8 +30,9 @@ struct Epilogue {
   void* out = nullptr;               // [M, ldo] of out_kind
   OutKind out_kind = OutKind::kI32;
   int64_t ldo = 0;
-  bool stream = false;               // f32, AVX-512 full-width tiles only: non-temporal stores; the
-                                     // driver sets it only when out and each row are 64-byte aligned
+  bool stream = false;               // f32, AVX-512 paths, whole vectors at multiples of 16 columns:
+                                     // non-temporal stores; the driver sets it only when out and each
+                                     // row are 64-byte aligned
   bool gelu = false;                 // float outputs, AVX-512 paths only: the exact (erf) GELU, gelu16
 };
 
@@ -129,7 +130,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void epilogue_row_av
     QBERT_NO_CONTRACT(y);
     if (e.bias_kind != BiasKind::kNone) y = _mm512_add_ps(y, load_bias16(e, n0 + j, k));
     if (e.gelu) y = gelu16(y);
-    store16(e, o + j, y, k);
+    if (e.stream && k == __mmask16(0xFFFF))  // f32, a whole aligned vector (Epilogue::stream)
+      _mm512_stream_ps(static_cast<float*>(e.out) + o + j, y);
+    else
+      store16(e, o + j, y, k);
   }
 }
 

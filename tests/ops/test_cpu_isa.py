@@ -31,7 +31,10 @@ BERT_SHAPES = [(128, 768, 768), (16, 3072, 768), (33, 768, 3072)]
 # The AMX tile kernel's shapes (K a multiple of 64, N of 16; others go to the AVX-512 kernels): the fewest
 # rows it takes, half blocks of 16 columns and of 16 rows, and M past one chunk of packed rows at K = 3072.
 AMX_SHAPES = [(8, 16, 64), (17, 48, 64), (40, 80, 192), (100, 2304, 768), (400, 32, 3072)]
-SHAPES = ODD_SHAPES + BERT_SHAPES + AMX_SHAPES
+# An f32 output past 2 MiB, which the AVX-512 and AMX kernels write with non-temporal stores (N = 784: a
+# ragged last 48-column panel and a last 16-column AMX block).
+STREAMED_SHAPES = [(680, 784, 64)]
+SHAPES = ODD_SHAPES + BERT_SHAPES + AMX_SHAPES + STREAMED_SHAPES
 # The largest K the AMX kernel takes (a multiple of 64 within INT8_GEMM_MAX_K), at its smallest tile shape.
 AMX_MAX_K = INT8_GEMM_MAX_K // 64 * 64
 AMX_MIN_ROWS, AMX_TILE_COLS = 8, 16
