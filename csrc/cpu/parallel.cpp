@@ -47,12 +47,12 @@ int64_t allowed_cores() {
 // Whether more threads are runnable on the machine than this process has cores (the running count of
 // /proc/loadavg, the reading thread included). Where it cannot be read: true, the safe answer.
 bool oversubscribed() {
-  static std::atomic<bool> checked{false};
-  static std::atomic<int64_t> checked_at{0};
+  constexpr int64_t kNever = -1;  // checked_at before the first reading (steady_clock counts up from >= 0)
+  static std::atomic<int64_t> checked_at{kNever};
   static std::atomic<bool> answer{true};
   const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
-  if (checked.load(std::memory_order_relaxed) && now - checked_at.load(std::memory_order_relaxed) < kLoadRecheck.count())
-    return answer.load(std::memory_order_relaxed);
+  const int64_t at = checked_at.load(std::memory_order_relaxed);
+  if (at != kNever && now - at < kLoadRecheck.count()) return answer.load(std::memory_order_relaxed);
   bool over = true;
   if (FILE* f = std::fopen("/proc/loadavg", "r")) {
     double load1, load5, load15;
@@ -63,7 +63,6 @@ bool oversubscribed() {
   }
   answer.store(over, std::memory_order_relaxed);
   checked_at.store(now, std::memory_order_relaxed);
-  checked.store(true, std::memory_order_relaxed);
   return over;
 }
 

@@ -182,6 +182,14 @@ def _hooked(layer: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
 
 
+def _one_call_layer(layer: nn.Module) -> bool:
+    """What a one-call forward of ``layer`` needs of the layer itself, whatever its input: a fused layer
+    whose pieces are all W8A8, in eval, on sdpa attention, not compiling or tracing."""
+    return (isinstance(layer, FusedLayer) and layer.qbert_pieces.one_call and not layer.training
+            and layer.attention.self.config._attn_implementation == SDPA
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
 class FusedLayer:
     """Mixed into the family's ``*Layer``: returns ``(y, y_q, y_scale)``, the layer output and its codes
     (``y_q``, ``y_scale`` are None when the output add-norm is not fused), and takes the previous layer's
@@ -190,8 +198,13 @@ class FusedLayer:
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states=None, encoder_attention_mask=None, cache=None, *,
-                codes: Codes | None = None, unpadded: unpad.Unpadded | None = None, **kwargs):
-        if encoder_hidden_states is None and cache is None and self._in_one_call(hidden_states, kwargs):
+                codes: Codes | None = None, unpadded: unpad.Unpadded | None = None,
+                one_call: bool | None = None, **kwargs):
+        """``one_call``: whether this forward is one ``w8a8_encoder_layer`` call, as the encoder decided it
+        (``_in_one_call``); None: decide here."""
+        if one_call is None:
+            one_call = encoder_hidden_states is None and cache is None and self._in_one_call(hidden_states, kwargs)
+        if one_call:
             return self._one_call(hidden_states, attention_mask, codes, unpadded)
         pieces = self.qbert_pieces
         attention = self.attention
@@ -211,12 +224,8 @@ class FusedLayer:
 
     def _in_one_call(self, x: torch.Tensor, kwargs: dict) -> bool:
         """Whether this forward runs as one ``w8a8_encoder_layer`` call (the module docstring says when)."""
-        attention = self.attention.self
-        return (self.qbert_pieces.one_call and not self.training and x.device.type == "cpu"
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-                and x.dtype == torch.float32 and attention.config._attn_implementation == SDPA
-                and kwargs.keys() <= ATTENTION_IGNORES and not _hooked(self)
-                and not unpad.capturing_outputs())
+        return (_one_call_layer(self) and x.device.type == "cpu" and x.dtype == torch.float32
+                and kwargs.keys() <= ATTENTION_IGNORES and not _hooked(self) and not unpad.capturing_outputs())
 
     def _one_call(self, x: torch.Tensor, attention_mask: torch.Tensor | None, codes: Codes | None,
                   unpadded: unpad.Unpadded | None):
@@ -258,13 +267,11 @@ def _serial_eligible(owner: nn.Module) -> bool:
     """Whether the forward of ``owner`` (the module holding a fused encoder) runs torch serially: eval, CPU,
     float32, not compiling or tracing, and every layer of its fused encoders one qbert call."""
     encoders = [m for m in owner.children() if isinstance(m, FusedEncoder)]
-    if owner.training or not encoders or torch.jit.is_tracing():
+    if owner.training or not encoders:
         return False
     for encoder in encoders:
-        if encoder.config._attn_implementation != SDPA:
-            return False
         for layer in encoder.layer:
-            if not (isinstance(layer, FusedLayer) and layer.qbert_pieces.one_call):
+            if not _one_call_layer(layer):
                 return False
             norm = layer.output.LayerNorm.weight
             if norm.device.type != "cpu" or norm.dtype != torch.float32:
@@ -308,25 +315,27 @@ class FusedEncoder:
                 **kwargs):
         args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache, use_cache)
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return self._forward(*args, **kwargs)
-        one_call = encoder_hidden_states is None and cache is None and all(
-            isinstance(layer, FusedLayer) and layer._in_one_call(hidden_states, kwargs) for layer in self.layer)
-        with serial_torch(one_call):
-            return self._forward(*args, **kwargs)
+            return self._forward(*args, [False] * len(self.layer), **kwargs)
+        # Decided once per layer here and handed to the layers.
+        one_call = [encoder_hidden_states is None and cache is None and isinstance(layer, FusedLayer)
+                    and layer._in_one_call(hidden_states, kwargs) for layer in self.layer]
+        with serial_torch(all(one_call)):
+            return self._forward(*args, one_call, **kwargs)
 
     def _forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache,
-                 use_cache, **kwargs):
+                 use_cache, one_call: list[bool], **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
         unpadded = unpad.plan(hidden_states, attention_mask, self.config._attn_implementation)
         if unpadded is not None:
             hidden_states = unpadded.gather(hidden_states)
         codes = None
-        for layer in self.layer:
+        for layer, layer_one_call in zip(self.layer, one_call):
             if isinstance(layer, FusedLayer):
                 hidden_states, q, scale = layer(hidden_states, attention_mask, encoder_hidden_states,
                                                 encoder_attention_mask=encoder_attention_mask,
-                                                cache=cache, codes=codes, unpadded=unpadded, **kwargs)
+                                                cache=cache, codes=codes, unpadded=unpadded,
+                                                one_call=layer_one_call, **kwargs)
                 codes = None if q is None else (q, scale)
                 continue
             if unpadded is not None:  # a Hugging Face layer: its attention needs the padded input
