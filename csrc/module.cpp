@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/weight_cache.h"
 #include "cpu/parallel.h"
 
 #ifndef QBERT_WITH_CUDA
@@ -60,4 +61,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_serial_torch", &qbert::cpu::set_serial_torch, pybind11::arg("on"),
         "on this thread: torch's own ops serial (true) while qbert's kernels keep torch's thread count, or "
         "back to normal (false); returns the previous setting (cpu/parallel.h)");
+  m.def("clear_weight_cache", &qbert::cpu::clear_weight_cache,
+        "drop the packed copies of int8 weights the AMX kernels keep (cpu/weight_cache.h); returns how many "
+        "there were. Needed only after writing a weight through .data, .numpy() or its raw storage");
 }

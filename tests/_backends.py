@@ -62,17 +62,20 @@ def int8_linear_operands(m: int, n: int, k: int, device, bias_dtype: torch.dtype
     return [t if t is None else t.to(device) for t in (x_q, x_scale, w_q, w_scale, bias)]
 
 
-def assert_error_within(out: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, factor: float = 2.0) -> None:
+def assert_error_within(out: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, factor: float = 2.0,
+                        magnitude: torch.Tensor | None = None) -> None:
     """Float tier: ``out``'s max error against ``truth`` is at most ``factor`` times ``baseline``'s.
 
     ``baseline`` is what PyTorch computes in the same dtype (flash-attention's rule), so the bound scales
     with the dtype's precision; the floor of one float32 ulp of the largest value keeps an exact baseline
-    from demanding more than float32 can give.
+    from demanding more than float32 can give. For a sum whose terms cancel, float32 rounds at the size of
+    the terms, not of the result: ``magnitude`` (e.g. ``|x| @ |w|.T``) then sets the floor's scale.
     """
     truth = truth.double()
     out_err = (out.double() - truth).abs().max().item()
     base_err = (baseline.double() - truth).abs().max().item()
-    floor = torch.finfo(torch.float32).eps * truth.abs().max().item()
+    scale = truth if magnitude is None else magnitude.double()
+    floor = torch.finfo(torch.float32).eps * scale.abs().max().item()
     assert out_err <= factor * base_err + floor, f"error {out_err:.3g} > {factor} x baseline {base_err:.3g}"
 
 

@@ -11,6 +11,9 @@
 // A block is 32 columns of b x 32 rows of a: 4 result tiles, 2 of b and 2 of a, the 8 tile registers.
 // Per 64 k it loads 4 tiles and issues 4 tdpbssd (16 x 16 x 64 products each).
 //
+// With the weight packed once (weight_cache.cpp) the kernel below, block_packed, takes the operands the
+// other way round and skips both the packing of a and the transposes.
+//
 // The tile unit needs K a multiple of 64 (whole rows of b tiles) and N a multiple of 16 (whole b tiles,
 // so no tile load reads past b); the driver takes other shapes to the AVX-512 VNNI kernels, exact too.
 #pragma once
@@ -115,6 +118,49 @@ QBERT_AMX inline void block(const int8_t* b, int64_t K, const uint8_t* ap, int32
   if constexpr (MT > 1) _tile_stored(QBERT_TILE_C01, acc + kTileElems, kStride);
   if constexpr (NT > 1) _tile_stored(QBERT_TILE_C10, acc + kBlockTiles * kTileElems, kStride);
   if constexpr (NT > 1 && MT > 1) _tile_stored(QBERT_TILE_C11, acc + (kBlockTiles + 1) * kTileElems, kStride);
+}
+
+// ---- packed weights: b as the second operand, no transposes --------------------------------------------
+// With b packed once ([N / 16][K / 4][16][4] s8, pack_b_tile_column; kept by weight_cache.cpp), the product
+// runs the other way round: a's rows are the first operand straight from a (stride K), the packed b tiles
+// the second (1 KiB contiguous each), and a result tile is c itself, 16 rows x 16 columns, which the
+// epilogue reads row by row. Nothing is packed a call and nothing transposed.
+inline int64_t b_column_bytes(int64_t K) { return int64_t{kTileRows} * K; }
+
+QBERT_AMX inline void pack_b_tile_column(const int8_t* b, int64_t K, int64_t n0, uint8_t* dst) {
+  avx512::pack_b_panel<kTileRows, false>(b, K, n0, kTileRows, dst);
+}
+
+// acc [MT * 16][kBlock] (row stride kBlock) = rows of `a` (stride lda, MT * 16 of them readable) x
+// NT tile columns of packed b from `bp`.
+template <int MT, int NT>
+QBERT_AMX inline void block_packed(const int8_t* a, int64_t lda, const uint8_t* bp, int64_t K, int32_t* acc) {
+  static_assert(NT >= 1 && NT <= kBlockTiles && MT >= 1 && MT <= kBlockTiles, "a block is at most 2 x 2 tiles");
+  const int64_t b_next = b_column_bytes(K);
+  _tile_zero(QBERT_TILE_C00);
+  if constexpr (NT > 1) _tile_zero(QBERT_TILE_C01);
+  if constexpr (MT > 1) _tile_zero(QBERT_TILE_C10);
+  if constexpr (NT > 1 && MT > 1) _tile_zero(QBERT_TILE_C11);
+  for (int64_t k = 0; k < K; k += kKStep) {
+    const uint8_t* bt = bp + k * kTileRows;  // k-groups k / 4 .. k / 4 + 15 of this tile column
+    _tile_loadd(QBERT_TILE_A0, a + k, lda);
+    _tile_loadd(QBERT_TILE_B0, bt, kTileBytes);
+    _tile_dpbssd(QBERT_TILE_C00, QBERT_TILE_A0, QBERT_TILE_B0);
+    if constexpr (NT > 1) {
+      _tile_loadd(QBERT_TILE_B1, bt + b_next, kTileBytes);
+      _tile_dpbssd(QBERT_TILE_C01, QBERT_TILE_A0, QBERT_TILE_B1);
+    }
+    if constexpr (MT > 1) {
+      _tile_loadd(QBERT_TILE_A1, a + kTileRows * lda + k, lda);
+      _tile_dpbssd(QBERT_TILE_C10, QBERT_TILE_A1, QBERT_TILE_B0);
+      if constexpr (NT > 1) _tile_dpbssd(QBERT_TILE_C11, QBERT_TILE_A1, QBERT_TILE_B1);
+    }
+  }
+  constexpr int64_t kStride = kBlock * sizeof(int32_t);
+  _tile_stored(QBERT_TILE_C00, acc, kStride);
+  if constexpr (NT > 1) _tile_stored(QBERT_TILE_C01, acc + kTileRows, kStride);
+  if constexpr (MT > 1) _tile_stored(QBERT_TILE_C10, acc + kTileRows * kBlock, kStride);
+  if constexpr (NT > 1 && MT > 1) _tile_stored(QBERT_TILE_C11, acc + kTileRows * kBlock + kTileRows, kStride);
 }
 
 // Runs the epilogue on a finished block: acc [NT][MT][16 b columns][16 a rows] becomes rows

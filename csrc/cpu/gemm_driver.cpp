@@ -297,6 +297,65 @@ void run_amx(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, 
   });
 }
 
+// Packed weights: tasks as in run_amx; a's rows go straight into the tiles, except the rows of a last,
+// partial block, which are copied into a zero-padded block first (a tile load reads 16 whole rows).
+template <int NT>
+void amx_packed_blocks_of(const int8_t* a, const uint8_t* bp, int64_t M, int64_t K, int64_t mt0, int64_t mt1,
+                          const Epilogue& e, int64_t n0, int32_t* acc, std::vector<int8_t>& pad) {
+  using namespace amx;
+  for (int64_t mt = mt0; mt < mt1; mt += kBlockTiles) {
+    const int64_t m0 = mt * kTileRows;
+    const int mt_here = mt + 1 < mt1 ? kBlockTiles : 1;
+    const int64_t rows = std::min<int64_t>(mt_here * kTileRows, M - m0);
+    const int8_t* ar = a + m0 * K;
+    if (rows < mt_here * kTileRows) {
+      pad.assign(mt_here * kTileRows * K, 0);
+      std::copy(ar, ar + rows * K, pad.begin());
+      ar = pad.data();
+    }
+    if (mt_here == kBlockTiles)
+      block_packed<kBlockTiles, NT>(ar, K, bp, K, acc);
+    else
+      block_packed<1, NT>(ar, K, bp, K, acc);
+    for (int64_t r = 0; r < rows; ++r) epilogue_row_avx512(e, acc + r * kBlock, m0 + r, n0, NT * kTileRows);
+  }
+}
+
+void run_amx_packed(const int8_t* a, const uint8_t* bp, int64_t M, int64_t N, int64_t K, Epilogue epi) {
+  using namespace amx;
+  epi.stream = streams(epi, M, N);
+  const int64_t a_tiles = ceil_div(M, kTileRows);
+  const int64_t n_blocks = ceil_div(N, kBlock), m_blocks = ceil_div(a_tiles, kBlockTiles);
+  // Rows of a per chunk: as many as kAmxChunkBytes hold (a chunk of a stays in L2 while the blocks of b sweep it).
+  int64_t blocks_per_chunk = std::max<int64_t>(1, kAmxChunkBytes / (kBlock * K));
+  int64_t m_chunks = ceil_div(m_blocks, blocks_per_chunk);
+  const int64_t threads = num_threads();
+  if (n_blocks * m_chunks < kPanelsPerThreadBalanced * threads) {
+    m_chunks = std::min(m_blocks, ceil_div(kPanelsPerThreadBalanced * threads, n_blocks));
+    blocks_per_chunk = ceil_div(m_blocks, m_chunks);
+    m_chunks = ceil_div(m_blocks, blocks_per_chunk);
+  }
+  const int64_t tiles_per_chunk = blocks_per_chunk * kBlockTiles;
+
+  parallel_for(0, m_chunks * n_blocks, 1, [&](int64_t t0, int64_t t1) {
+    configure();
+    alignas(64) int32_t acc[kBlock * kBlock];
+    thread_local std::vector<int8_t> pad;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t chunk = t / n_blocks, nb = t % n_blocks;
+      const int64_t n0 = nb * kBlock;
+      const int64_t mt0 = chunk * tiles_per_chunk, mt1 = std::min(a_tiles, mt0 + tiles_per_chunk);
+      const uint8_t* bp_block = bp + (n0 / kTileRows) * b_column_bytes(K);
+      if (N - n0 >= kBlock)
+        amx_packed_blocks_of<kBlockTiles>(a, bp_block, M, K, mt0, mt1, epi, n0, acc, pad);
+      else
+        amx_packed_blocks_of<1>(a, bp_block, M, K, mt0, mt1, epi, n0, acc, pad);
+    }
+    release();
+    if (epi.stream) _mm_sfence();  // order the non-temporal stores before the join
+  });
+}
+
 // ---- scalar: the portable reference path (baseline x86-64 has no FMA, so nothing can contract) ----
 float load_bias_scalar(const Epilogue& e, int64_t n) {
   switch (e.bias_kind) {
@@ -348,13 +407,27 @@ void run_scalar(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t 
 
 }  // namespace
 
-void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi, Isa isa) {
+bool amx_packs(Isa isa, int64_t N, int64_t K) { return isa == Isa::kAmxInt8 && amx::fits(N, K); }
+
+int64_t amx_packed_bytes(int64_t N, int64_t K) { return N * K; }
+
+void amx_pack_weight(const int8_t* b, int64_t N, int64_t K, uint8_t* dst) {
+  const int64_t columns = N / amx::kTileRows;
+  parallel_for(0, columns, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      amx::pack_b_tile_column(b, K, c * amx::kTileRows, dst + c * amx::b_column_bytes(K));
+  });
+}
+
+void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi, Isa isa,
+                     const uint8_t* b_packed) {
   // Only the AVX-512 epilogues apply a GELU; the other paths would silently leave it out.
   TORCH_CHECK(!epi.gelu || has_avx512(isa), "int8_gemm_fused: a GELU epilogue needs the AVX-512 kernels, got ",
               isa_name(isa));
   if (M == 0 || N == 0) return;
   switch (isa) {
     case Isa::kAmxInt8:
+      if (M >= kSmallM && b_packed != nullptr) return run_amx_packed(a, b_packed, M, N, K, epi);
       if (M >= kSmallM && amx::fits(N, K)) return run_amx(a, b, M, N, K, epi);
       [[fallthrough]];  // other shapes: the AVX-512 kernels, exact as well (gemm_amx.h)
     case Isa::kAvx512Vnni:

@@ -11,7 +11,15 @@
 
 namespace qbert::cpu {
 
-// Exact for K <= kInt8GemmMaxK (common/constants.h); the callers check it.
-void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi, Isa isa);
+// Exact for K <= kInt8GemmMaxK (common/constants.h); the callers check it. `b_packed`: b as
+// amx_pack_weight left it, or null; used by the AMX kernels only (b itself serves the others).
+void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi, Isa isa,
+                     const uint8_t* b_packed = nullptr);
+
+// Whether the kernels of `isa` take b [N, K] packed (amx_pack_weight), and the bytes it packs into.
+bool amx_packs(Isa isa, int64_t N, int64_t K);
+int64_t amx_packed_bytes(int64_t N, int64_t K);
+// Packs b [N, K] (amx_packs true) into dst [amx_packed_bytes] for the AMX kernel (gemm_amx.h).
+void amx_pack_weight(const int8_t* b, int64_t N, int64_t K, uint8_t* dst);
 
 }  // namespace qbert::cpu

@@ -7,6 +7,7 @@
 #include "common/checks.h"
 #include "cpu/gemm_driver.h"
 #include "cpu/parallel.h"
+#include "cpu/weight_cache.h"
 
 namespace qbert::cpu {
 namespace {
@@ -69,7 +70,10 @@ at::Tensor linear(const char* op, const at::Tensor& x_q, const at::Tensor& x_sca
   epi.out = out.data_ptr();
   epi.ldo = N;
   epi.gelu = gelu;  // honoured by the AVX-512 kernels only: the caller asks for it with those alone
-  int8_gemm_fused(x_q.data_ptr<int8_t>(), w_q.data_ptr<int8_t>(), M, N, K, epi, isa);
+  // Held for the call: the cache may drop its entry meanwhile (another thread's in-place change of w_q).
+  const at::Tensor packed = amx_packs(isa, N, K) ? packed_weight(w_q) : at::Tensor();
+  int8_gemm_fused(x_q.data_ptr<int8_t>(), w_q.data_ptr<int8_t>(), M, N, K, epi, isa,
+                  packed.defined() ? packed.data_ptr<uint8_t>() : nullptr);
   return out;
 }
 
