@@ -11,8 +11,8 @@
 // A block is 32 columns of b x 32 rows of a: 4 result tiles, 2 of b and 2 of a, the 8 tile registers.
 // Per 64 k it loads 4 tiles and issues 4 tdpbssd (16 x 16 x 64 products each).
 //
-// With the weight packed once (weight_cache.cpp) the kernel below, block_packed, takes the operands the
-// other way round and skips both the packing of a and the transposes.
+// With the weight packed once (weight_cache.cpp) the same kernel, block, takes the operands the other way
+// round and skips both the packing of a and the transposes.
 //
 // The tile unit needs K a multiple of 64 (whole rows of b tiles) and N a multiple of 16 (whole b tiles,
 // so no tile load reads past b); the driver takes other shapes to the AVX-512 VNNI kernels, exact too.
@@ -30,22 +30,22 @@ namespace qbert::cpu::amx {
 constexpr int kTileRows = 16;   // rows of every tile used here
 constexpr int kTileBytes = 64;  // bytes of a tile row: 64 s8, 16 x 4 s8 or 16 int32
 constexpr int kKStep = kTileBytes;
-constexpr int kTileElems = kTileRows * kTileRows;  // int32 of a result tile
 constexpr int kBlockTiles = 2;                     // tiles of b and of a per block
 constexpr int kBlock = kBlockTiles * kTileRows;    // 32 columns x 32 rows
 constexpr int kNumTiles = 8;
 constexpr uint8_t kPalette = 1;  // palette 1: 8 tiles of up to 16 rows x 64 bytes
 
-// Tile register roles: results c[i][j] for b tile i, a tile j; then the two b tiles and the two a tiles.
-// Macros, not constants: the tile intrinsics paste their tile number into the instruction text.
+// Tile register roles (block): results c[i][j] of first-operand tile i and second-operand tile column j,
+// then the two first-operand tiles and the two second-operand ones. Macros, not constants: the tile
+// intrinsics paste their tile number into the instruction text.
 #define QBERT_TILE_C00 0
 #define QBERT_TILE_C01 1
 #define QBERT_TILE_C10 2
 #define QBERT_TILE_C11 3
-#define QBERT_TILE_B0 4
-#define QBERT_TILE_B1 5
-#define QBERT_TILE_A0 6
-#define QBERT_TILE_A1 7
+#define QBERT_TILE_P0 4
+#define QBERT_TILE_P1 5
+#define QBERT_TILE_Q0 6
+#define QBERT_TILE_Q1 7
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -88,36 +88,37 @@ QBERT_AMX inline void pack_a_tile(const int8_t* a, int64_t K, int64_t m0, int mr
   avx512::pack_b_panel<kTileRows, false>(a, K, m0, mr, dst);
 }
 
-// acc (NT*16 columns of b) x (MT*16 rows of a), stored [NT][MT][16][16]: b rows from `b` (stride K), a
-// tile columns from `ap` (kTileRows * K bytes apart).
-template <int NT, int MT>
-QBERT_AMX inline void block(const int8_t* b, int64_t K, const uint8_t* ap, int32_t* acc) {
-  static_assert(NT >= 1 && NT <= kBlockTiles && MT >= 1 && MT <= kBlockTiles, "a block is at most 2 x 2 tiles");
-  const int64_t a_next = a_tile_bytes(K);
+// The one tile kernel of both ways round: acc [F * 16][kBlock] (row stride kBlock) += F first-operand
+// tiles (16 rows each from `p`, row stride `ld`: rows of b, or of a) x S second-operand tile columns (from
+// `q`, `q_next` bytes apart: packed a, or packed b), result tile (i, j) at rows 16 i, columns 16 j.
+template <int F, int S>
+QBERT_AMX inline void block(const int8_t* p, int64_t ld, const uint8_t* q, int64_t q_next, int64_t K,
+                            int32_t* acc) {
+  static_assert(F >= 1 && F <= kBlockTiles && S >= 1 && S <= kBlockTiles, "a block is at most 2 x 2 tiles");
   _tile_zero(QBERT_TILE_C00);
-  if constexpr (MT > 1) _tile_zero(QBERT_TILE_C01);
-  if constexpr (NT > 1) _tile_zero(QBERT_TILE_C10);
-  if constexpr (NT > 1 && MT > 1) _tile_zero(QBERT_TILE_C11);
+  if constexpr (S > 1) _tile_zero(QBERT_TILE_C01);
+  if constexpr (F > 1) _tile_zero(QBERT_TILE_C10);
+  if constexpr (F > 1 && S > 1) _tile_zero(QBERT_TILE_C11);
   for (int64_t k = 0; k < K; k += kKStep) {
-    const uint8_t* at = ap + k * kTileRows;  // k-groups k / 4 .. k / 4 + 15 of this tile column
-    _tile_loadd(QBERT_TILE_B0, b + k, K);
-    _tile_loadd(QBERT_TILE_A0, at, kTileBytes);
-    _tile_dpbssd(QBERT_TILE_C00, QBERT_TILE_B0, QBERT_TILE_A0);
-    if constexpr (MT > 1) {
-      _tile_loadd(QBERT_TILE_A1, at + a_next, kTileBytes);
-      _tile_dpbssd(QBERT_TILE_C01, QBERT_TILE_B0, QBERT_TILE_A1);
+    const uint8_t* qt = q + k * kTileRows;  // k-groups k / 4 .. k / 4 + 15 of a tile column
+    _tile_loadd(QBERT_TILE_P0, p + k, ld);
+    _tile_loadd(QBERT_TILE_Q0, qt, kTileBytes);
+    _tile_dpbssd(QBERT_TILE_C00, QBERT_TILE_P0, QBERT_TILE_Q0);
+    if constexpr (S > 1) {
+      _tile_loadd(QBERT_TILE_Q1, qt + q_next, kTileBytes);
+      _tile_dpbssd(QBERT_TILE_C01, QBERT_TILE_P0, QBERT_TILE_Q1);
     }
-    if constexpr (NT > 1) {
-      _tile_loadd(QBERT_TILE_B1, b + kTileRows * K + k, K);
-      _tile_dpbssd(QBERT_TILE_C10, QBERT_TILE_B1, QBERT_TILE_A0);
-      if constexpr (MT > 1) _tile_dpbssd(QBERT_TILE_C11, QBERT_TILE_B1, QBERT_TILE_A1);
+    if constexpr (F > 1) {
+      _tile_loadd(QBERT_TILE_P1, p + kTileRows * ld + k, ld);
+      _tile_dpbssd(QBERT_TILE_C10, QBERT_TILE_P1, QBERT_TILE_Q0);
+      if constexpr (S > 1) _tile_dpbssd(QBERT_TILE_C11, QBERT_TILE_P1, QBERT_TILE_Q1);
     }
   }
-  constexpr int64_t kStride = kTileRows * sizeof(int32_t);
+  constexpr int64_t kStride = kBlock * sizeof(int32_t);
   _tile_stored(QBERT_TILE_C00, acc, kStride);
-  if constexpr (MT > 1) _tile_stored(QBERT_TILE_C01, acc + kTileElems, kStride);
-  if constexpr (NT > 1) _tile_stored(QBERT_TILE_C10, acc + kBlockTiles * kTileElems, kStride);
-  if constexpr (NT > 1 && MT > 1) _tile_stored(QBERT_TILE_C11, acc + (kBlockTiles + 1) * kTileElems, kStride);
+  if constexpr (S > 1) _tile_stored(QBERT_TILE_C01, acc + kTileRows, kStride);
+  if constexpr (F > 1) _tile_stored(QBERT_TILE_C10, acc + kTileRows * kBlock, kStride);
+  if constexpr (F > 1 && S > 1) _tile_stored(QBERT_TILE_C11, acc + kTileRows * kBlock + kTileRows, kStride);
 }
 
 // ---- packed weights: b as the second operand, no transposes --------------------------------------------
@@ -131,47 +132,15 @@ QBERT_AMX inline void pack_b_tile_column(const int8_t* b, int64_t K, int64_t n0,
   avx512::pack_b_panel<kTileRows, false>(b, K, n0, kTileRows, dst);
 }
 
-// acc [MT * 16][kBlock] (row stride kBlock) = rows of `a` (stride lda, MT * 16 of them readable) x
-// NT tile columns of packed b from `bp`.
-template <int MT, int NT>
-QBERT_AMX inline void block_packed(const int8_t* a, int64_t lda, const uint8_t* bp, int64_t K, int32_t* acc) {
-  static_assert(NT >= 1 && NT <= kBlockTiles && MT >= 1 && MT <= kBlockTiles, "a block is at most 2 x 2 tiles");
-  const int64_t b_next = b_column_bytes(K);
-  _tile_zero(QBERT_TILE_C00);
-  if constexpr (NT > 1) _tile_zero(QBERT_TILE_C01);
-  if constexpr (MT > 1) _tile_zero(QBERT_TILE_C10);
-  if constexpr (NT > 1 && MT > 1) _tile_zero(QBERT_TILE_C11);
-  for (int64_t k = 0; k < K; k += kKStep) {
-    const uint8_t* bt = bp + k * kTileRows;  // k-groups k / 4 .. k / 4 + 15 of this tile column
-    _tile_loadd(QBERT_TILE_A0, a + k, lda);
-    _tile_loadd(QBERT_TILE_B0, bt, kTileBytes);
-    _tile_dpbssd(QBERT_TILE_C00, QBERT_TILE_A0, QBERT_TILE_B0);
-    if constexpr (NT > 1) {
-      _tile_loadd(QBERT_TILE_B1, bt + b_next, kTileBytes);
-      _tile_dpbssd(QBERT_TILE_C01, QBERT_TILE_A0, QBERT_TILE_B1);
-    }
-    if constexpr (MT > 1) {
-      _tile_loadd(QBERT_TILE_A1, a + kTileRows * lda + k, lda);
-      _tile_dpbssd(QBERT_TILE_C10, QBERT_TILE_A1, QBERT_TILE_B0);
-      if constexpr (NT > 1) _tile_dpbssd(QBERT_TILE_C11, QBERT_TILE_A1, QBERT_TILE_B1);
-    }
-  }
-  constexpr int64_t kStride = kBlock * sizeof(int32_t);
-  _tile_stored(QBERT_TILE_C00, acc, kStride);
-  if constexpr (NT > 1) _tile_stored(QBERT_TILE_C01, acc + kTileRows, kStride);
-  if constexpr (MT > 1) _tile_stored(QBERT_TILE_C10, acc + kTileRows * kBlock, kStride);
-  if constexpr (NT > 1 && MT > 1) _tile_stored(QBERT_TILE_C11, acc + kTileRows * kBlock + kTileRows, kStride);
-}
-
-// Runs the epilogue on a finished block: acc [NT][MT][16 b columns][16 a rows] becomes rows
+// Runs the epilogue on a block computed with b first: acc [NT * 16 b columns][kBlock: a rows] becomes rows
 // [MT * 16][kBlock] of `rows` (transposed), then epilogue_row_avx512 on the first `mr` rows.
-QBERT_AMX inline void finish_block(const int32_t* acc, int nt, int mt, int mr, const Epilogue& e, int64_t m0,
-                                   int64_t n0, int32_t* rows) {
+QBERT_AMX inline void finish_transposed(const int32_t* acc, int nt, int mt, int mr, const Epilogue& e, int64_t m0,
+                                        int64_t n0, int32_t* rows) {
   for (int i = 0; i < nt; ++i)
     for (int j = 0; j < mt; ++j) {
-      const int32_t* t = acc + (i * kBlockTiles + j) * kTileElems;
+      const int32_t* t = acc + i * kTileRows * kBlock + j * kTileRows;
       __m512i r[kTileRows];
-      for (int x = 0; x < kTileRows; ++x) r[x] = _mm512_loadu_si512(t + x * kTileRows);
+      for (int x = 0; x < kTileRows; ++x) r[x] = _mm512_loadu_si512(t + x * kBlock);
       avx512::transpose16x16(r);
       for (int x = 0; x < kTileRows; ++x) _mm512_storeu_si512(rows + (j * kTileRows + x) * kBlock + i * kTileRows, r[x]);
     }
@@ -184,7 +153,7 @@ QBERT_AMX inline void finish_block(const int32_t* acc, int nt, int mt, int mr, c
 #undef QBERT_TILE_C01
 #undef QBERT_TILE_C10
 #undef QBERT_TILE_C11
-#undef QBERT_TILE_B0
-#undef QBERT_TILE_B1
-#undef QBERT_TILE_A0
-#undef QBERT_TILE_A1
+#undef QBERT_TILE_P0
+#undef QBERT_TILE_P1
+#undef QBERT_TILE_Q0
+#undef QBERT_TILE_Q1

@@ -234,99 +234,73 @@ void run_dot_avx512(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int6
   });
 }
 
-// ---- AMX: tiles of b straight from b, a packed once a call (gemm_amx.h) --------------------------------
-// The rows of a go in chunks of at most kAmxChunkBytes of packed a (so a chunk stays in L2 while every
-// block of b sweeps it), chunk by chunk: a thread's run of tasks is consecutive blocks of b over one chunk.
+// ---- AMX (gemm_amx.h) -------------------------------------------------------------------------------
+// Two ways round. b packed (the weight cache's copy): a's rows are the first operand, straight from a,
+// except the rows of a last, partial block, copied into a zero-padded block first (a tile load reads 16
+// whole rows); the result tiles are c. b not packed: b's rows are the first operand and a is packed here,
+// once a call; the result tiles are c transposed (finish_transposed).
+// The work is (chunk of a's rows) x (block of 32 columns of b), chunk by chunk, so a thread's run of tasks
+// is consecutive blocks of b over one chunk of a, which holds at most kAmxChunkBytes of a and stays in L2.
 constexpr int64_t kAmxChunkBytes = int64_t{1} << 20;
 
+struct AmxScratch {
+  alignas(64) int32_t acc[amx::kBlock * amx::kBlock];
+  alignas(64) int32_t rows[amx::kBlock * amx::kBlock];  // the transposed result
+  std::vector<int8_t> pad;                             // a partial block of a's rows
+};
+
+// The blocks of rows [16 mt0, 16 mt1) against columns [n0, n0 + NT * 16).
 template <int NT>
-void amx_blocks_of(const int8_t* b, int64_t K, const uint8_t* ap, int64_t M, int64_t mt0, int64_t mt1,
-                   const Epilogue& e, int64_t n0, int32_t* acc, int32_t* rows) {
+void amx_blocks_of(const int8_t* a, const int8_t* b, const uint8_t* b_packed, const uint8_t* a_packed, int64_t M,
+                   int64_t K, int64_t mt0, int64_t mt1, const Epilogue& e, int64_t n0, AmxScratch& s) {
   using namespace amx;
   for (int64_t mt = mt0; mt < mt1; mt += kBlockTiles) {
-    const uint8_t* at = ap + mt * a_tile_bytes(K);
     const int64_t m0 = mt * kTileRows;
-    const int mt_here = mt + 1 < mt1 ? kBlockTiles : 1;
-    if (mt_here == kBlockTiles)
-      block<NT, kBlockTiles>(b, K, at, acc);
-    else
-      block<NT, 1>(b, K, at, acc);
-    finish_block(acc, NT, mt_here, static_cast<int>(std::min<int64_t>(mt_here * kTileRows, M - m0)), e, m0, n0, rows);
-  }
-}
-
-void run_amx(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, Epilogue epi) {
-  using namespace amx;
-  epi.stream = streams(epi, M, N);
-  const int64_t a_tiles = ceil_div(M, kTileRows);
-  thread_local std::vector<uint8_t> packed;  // the calling thread's, kept between calls
-  packed.resize(std::max<size_t>(packed.size(), a_tiles * a_tile_bytes(K)));
-  uint8_t* ap = packed.data();
-  parallel_for(0, a_tiles, std::max<int64_t>(1, kMinPrepElemsPerTask / a_tile_bytes(K)), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      pack_a_tile(a, K, t * kTileRows, static_cast<int>(std::min<int64_t>(kTileRows, M - t * kTileRows)),
-                  ap + t * a_tile_bytes(K));
-  });
-
-  const int64_t n_blocks = ceil_div(N, kBlock), m_blocks = ceil_div(a_tiles, kBlockTiles);
-  int64_t blocks_per_chunk = std::max<int64_t>(1, kAmxChunkBytes / (kBlockTiles * a_tile_bytes(K)));
-  int64_t m_chunks = ceil_div(m_blocks, blocks_per_chunk);
-  const int64_t threads = num_threads();
-  if (n_blocks * m_chunks < kPanelsPerThreadBalanced * threads) {
-    m_chunks = std::min(m_blocks, ceil_div(kPanelsPerThreadBalanced * threads, n_blocks));
-    blocks_per_chunk = ceil_div(m_blocks, m_chunks);
-    m_chunks = ceil_div(m_blocks, blocks_per_chunk);
-  }
-  const int64_t tiles_per_chunk = blocks_per_chunk * kBlockTiles;
-
-  parallel_for(0, m_chunks * n_blocks, 1, [&](int64_t t0, int64_t t1) {
-    configure();
-    alignas(64) int32_t acc[kBlockTiles * kBlockTiles * kTileElems];
-    alignas(64) int32_t rows[kBlock * kBlock];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t chunk = t / n_blocks, nb = t % n_blocks;
-      const int64_t n0 = nb * kBlock;
-      const int64_t mt0 = chunk * tiles_per_chunk, mt1 = std::min(a_tiles, mt0 + tiles_per_chunk);
-      if (N - n0 >= kBlock)
-        amx_blocks_of<kBlockTiles>(b + n0 * K, K, ap, M, mt0, mt1, epi, n0, acc, rows);
+    const bool whole = mt + 1 < mt1;
+    const int64_t rows = std::min<int64_t>((whole ? kBlockTiles : 1) * kTileRows, M - m0);
+    if (b_packed != nullptr) {
+      const int8_t* ar = a + m0 * K;
+      if (rows % kTileRows != 0) {
+        s.pad.assign((whole ? kBlockTiles : 1) * kTileRows * K, 0);
+        std::copy(ar, ar + rows * K, s.pad.begin());
+        ar = s.pad.data();
+      }
+      const uint8_t* bq = b_packed + (n0 / kTileRows) * b_column_bytes(K);
+      if (whole)
+        block<kBlockTiles, NT>(ar, K, bq, b_column_bytes(K), K, s.acc);
       else
-        amx_blocks_of<1>(b + n0 * K, K, ap, M, mt0, mt1, epi, n0, acc, rows);
+        block<1, NT>(ar, K, bq, b_column_bytes(K), K, s.acc);
+      for (int64_t r = 0; r < rows; ++r) epilogue_row_avx512(e, s.acc + r * kBlock, m0 + r, n0, NT * kTileRows);
+    } else {
+      const uint8_t* aq = a_packed + mt * a_tile_bytes(K);
+      if (whole)
+        block<NT, kBlockTiles>(b + n0 * K, K, aq, a_tile_bytes(K), K, s.acc);
+      else
+        block<NT, 1>(b + n0 * K, K, aq, a_tile_bytes(K), K, s.acc);
+      finish_transposed(s.acc, NT, whole ? kBlockTiles : 1, static_cast<int>(rows), e, m0, n0, s.rows);
     }
-    release();
-    if (epi.stream) _mm_sfence();  // order the non-temporal stores before the join
-  });
-}
-
-// Packed weights: tasks as in run_amx; a's rows go straight into the tiles, except the rows of a last,
-// partial block, which are copied into a zero-padded block first (a tile load reads 16 whole rows).
-template <int NT>
-void amx_packed_blocks_of(const int8_t* a, const uint8_t* bp, int64_t M, int64_t K, int64_t mt0, int64_t mt1,
-                          const Epilogue& e, int64_t n0, int32_t* acc, std::vector<int8_t>& pad) {
-  using namespace amx;
-  for (int64_t mt = mt0; mt < mt1; mt += kBlockTiles) {
-    const int64_t m0 = mt * kTileRows;
-    const int mt_here = mt + 1 < mt1 ? kBlockTiles : 1;
-    const int64_t rows = std::min<int64_t>(mt_here * kTileRows, M - m0);
-    const int8_t* ar = a + m0 * K;
-    if (rows < mt_here * kTileRows) {
-      pad.assign(mt_here * kTileRows * K, 0);
-      std::copy(ar, ar + rows * K, pad.begin());
-      ar = pad.data();
-    }
-    if (mt_here == kBlockTiles)
-      block_packed<kBlockTiles, NT>(ar, K, bp, K, acc);
-    else
-      block_packed<1, NT>(ar, K, bp, K, acc);
-    for (int64_t r = 0; r < rows; ++r) epilogue_row_avx512(e, acc + r * kBlock, m0 + r, n0, NT * kTileRows);
   }
 }
 
-void run_amx_packed(const int8_t* a, const uint8_t* bp, int64_t M, int64_t N, int64_t K, Epilogue epi) {
+void run_amx(const int8_t* a, const int8_t* b, const uint8_t* b_packed, int64_t M, int64_t N, int64_t K,
+             Epilogue epi) {
   using namespace amx;
   epi.stream = streams(epi, M, N);
   const int64_t a_tiles = ceil_div(M, kTileRows);
+  const uint8_t* a_packed = nullptr;
+  if (b_packed == nullptr) {
+    thread_local std::vector<uint8_t> packed;  // the calling thread's, kept between calls
+    packed.resize(std::max<size_t>(packed.size(), a_tiles * a_tile_bytes(K)));
+    uint8_t* ap = packed.data();
+    parallel_for(0, a_tiles, std::max<int64_t>(1, kMinPrepElemsPerTask / a_tile_bytes(K)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        pack_a_tile(a, K, t * kTileRows, static_cast<int>(std::min<int64_t>(kTileRows, M - t * kTileRows)),
+                    ap + t * a_tile_bytes(K));
+    });
+    a_packed = ap;
+  }
+
   const int64_t n_blocks = ceil_div(N, kBlock), m_blocks = ceil_div(a_tiles, kBlockTiles);
-  // Rows of a per chunk: as many as kAmxChunkBytes hold (a chunk of a stays in L2 while the blocks of b sweep it).
   int64_t blocks_per_chunk = std::max<int64_t>(1, kAmxChunkBytes / (kBlock * K));
   int64_t m_chunks = ceil_div(m_blocks, blocks_per_chunk);
   const int64_t threads = num_threads();
@@ -339,17 +313,14 @@ void run_amx_packed(const int8_t* a, const uint8_t* bp, int64_t M, int64_t N, in
 
   parallel_for(0, m_chunks * n_blocks, 1, [&](int64_t t0, int64_t t1) {
     configure();
-    alignas(64) int32_t acc[kBlock * kBlock];
-    thread_local std::vector<int8_t> pad;
+    thread_local AmxScratch scratch;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t chunk = t / n_blocks, nb = t % n_blocks;
-      const int64_t n0 = nb * kBlock;
+      const int64_t chunk = t / n_blocks, n0 = (t % n_blocks) * kBlock;
       const int64_t mt0 = chunk * tiles_per_chunk, mt1 = std::min(a_tiles, mt0 + tiles_per_chunk);
-      const uint8_t* bp_block = bp + (n0 / kTileRows) * b_column_bytes(K);
       if (N - n0 >= kBlock)
-        amx_packed_blocks_of<kBlockTiles>(a, bp_block, M, K, mt0, mt1, epi, n0, acc, pad);
+        amx_blocks_of<kBlockTiles>(a, b, b_packed, a_packed, M, K, mt0, mt1, epi, n0, scratch);
       else
-        amx_packed_blocks_of<1>(a, bp_block, M, K, mt0, mt1, epi, n0, acc, pad);
+        amx_blocks_of<1>(a, b, b_packed, a_packed, M, K, mt0, mt1, epi, n0, scratch);
     }
     release();
     if (epi.stream) _mm_sfence();  // order the non-temporal stores before the join
@@ -427,8 +398,7 @@ void int8_gemm_fused(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int
   if (M == 0 || N == 0) return;
   switch (isa) {
     case Isa::kAmxInt8:
-      if (M >= kSmallM && b_packed != nullptr) return run_amx_packed(a, b_packed, M, N, K, epi);
-      if (M >= kSmallM && amx::fits(N, K)) return run_amx(a, b, M, N, K, epi);
+      if (M >= kSmallM && amx::fits(N, K)) return run_amx(a, b, b_packed, M, N, K, epi);
       [[fallthrough]];  // other shapes: the AVX-512 kernels, exact as well (gemm_amx.h)
     case Isa::kAvx512Vnni:
       if (M < kSmallM) return run_dot_avx512(a, b, M, N, K, epi);
